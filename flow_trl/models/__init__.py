@@ -1,0 +1,54 @@
+"""Model adapters: one per pipeline family, picked from the pipeline's class."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .base import Conditioning, FlowModelAdapter, cat_conditioning, index_conditioning
+from .sd3 import SD3Adapter
+
+
+ADAPTERS: tuple[type[FlowModelAdapter], ...] = (SD3Adapter,)
+
+
+def get_adapter(pipe, max_sequence_length: int | None = None) -> FlowModelAdapter:
+    """The adapter for `pipe`, chosen by its class (or a parent class) name.
+
+    Raises:
+        ValueError: for a pipeline family flow_trl does not support, listing the supported ones.
+    """
+    names = [cls.__name__ for cls in type(pipe).__mro__]
+    for adapter_cls in ADAPTERS:
+        if any(name in adapter_cls.pipeline_class_names for name in names):
+            return adapter_cls(pipe, max_sequence_length=max_sequence_length)
+    supported = sorted(n for a in ADAPTERS for n in a.pipeline_class_names)
+    raise ValueError(
+        f"{type(pipe).__name__} is not supported by flow_trl. Supported pipelines: {', '.join(supported)}. "
+        "Pass a model id/path or a pipeline object of one of these classes."
+    )
+
+
+def load_pipeline(model: str | os.PathLike | Any, model_init_kwargs: dict[str, Any] | None = None):
+    """A pipeline from a Hub id or local path (`DiffusionPipeline.from_pretrained`), or `model` itself."""
+    if isinstance(model, (str, os.PathLike)):
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model, **(model_init_kwargs or {}))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    if model_init_kwargs:
+        raise ValueError("`model_init_kwargs` only applies when `model` is a model id or path, not a pipeline object.")
+    return model
+
+
+__all__ = [
+    "ADAPTERS",
+    "Conditioning",
+    "FlowModelAdapter",
+    "SD3Adapter",
+    "cat_conditioning",
+    "get_adapter",
+    "index_conditioning",
+    "load_pipeline",
+]

@@ -1,0 +1,118 @@
+"""What a trainer needs from a text-to-image pipeline, independent of its family.
+
+A model adapter wraps one `diffusers` pipeline and answers five questions: how to encode prompts (once per unique
+prompt, with the negative prompt for CFG), how to predict the velocity at ``(latents, sigma, conditioning)`` with
+or without CFG, how to draw the initial noise, how to decode latents to images in [0, 1], and which modules LoRA
+targets by default. Conditioning is a ``dict[str, Tensor]`` with the batch on dim 0, so trainers can buffer,
+index and repeat it without knowing the family.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+Conditioning = dict[str, torch.Tensor]
+
+
+def index_conditioning(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
+    """Select rows of every conditioning tensor."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cat_conditioning(conds: list[Conditioning]) -> Conditioning:
+    """Concatenate conditionings along the batch."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+class FlowModelAdapter:
+    """Base class of the per-family adapters; see `flow_trl.models.sd3.SD3Adapter` for a complete one.
+
+    Args:
+        pipe: the `diffusers` pipeline (its transformer is the trained module).
+        max_sequence_length (`int`, *optional*): text length for the family's long text encoder; the adapter's
+            default when `None`.
+    """
+
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    default_lora_target_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, pipe, max_sequence_length: int | None = None):
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length()
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def scheduler_shift(self) -> float:
+        """The static sigma shift of the pipeline's scheduler (1.0 when it has none)."""
+        return float(self.pipe.scheduler.config.get("shift", 1.0))
+
+    def default_max_sequence_length(self) -> int:
+        raise NotImplementedError
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Every module other than the transformer (text encoders, VAE): frozen and in eval mode."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Conditioning for each prompt (batch = len(prompts)), without gradient."""
+        raise NotImplementedError
+
+    def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+        """The raw velocity prediction of `transformer` (no CFG) at ``sigma`` ([B], in [0, 1])."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one sample's latents for an image of ``height x width`` pixels."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents, without gradient."""
+        raise NotImplementedError
+
+    @property
+    def default_resolution(self) -> int:
+        raise NotImplementedError
+
+    # ---- shared by every family -----------------------------------------------------------------------------
+
+    def velocity(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        negative_cond: Conditioning | None = None,
+    ) -> torch.Tensor:
+        """Velocity with classifier-free guidance ``v_u + g (v_c - v_u)`` when ``guidance_scale != 1``.
+
+        The conditional and unconditional halves run as one batch (as the diffusers pipelines do), so rollout and
+        training see the same batch composition. `negative_cond` holds one row (broadcast) or one row per sample.
+        """
+        if guidance_scale == 1.0:
+            return self.predict(transformer, latents, sigma, cond)
+        if negative_cond is None:
+            raise ValueError("guidance_scale != 1 needs the negative-prompt conditioning (`negative_cond`).")
+        b = latents.shape[0]
+        neg = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in negative_cond.items()}
+        both = cat_conditioning([neg, cond])
+        v_uncond, v_cond = self.predict(
+            transformer, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both
+        ).chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    def initial_noise(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Standard normal latents drawn in fp32 on the generator's device, then cast to `dtype`."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        shape = (batch_size, *self.latent_shape(height, width))
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return noise.to(self.transformer.device, dtype)

@@ -1,0 +1,77 @@
+"""Adapter for `StableDiffusion3Pipeline` (SD3, SD3.5 and the shapes world's tiny pipeline)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Conditioning, FlowModelAdapter
+
+
+class SD3Adapter(FlowModelAdapter):
+    """SD3: two CLIP encoders + T5, `SD3Transformer2DModel` fed ``timestep = 1000 * sigma`` (a float).
+
+    Prompt encoding reuses the pipeline's own `encode_prompt` (CLIP penultimate hidden states concatenated and
+    padded to the T5 width, then joined with the T5 sequence; pooled CLIP projections), so embeddings match what
+    `pipe(...)` computes. Latents are ``(z - shift_factor) * scaling_factor`` of the VAE, as in the pipeline.
+    """
+
+    pipeline_class_names = ("StableDiffusion3Pipeline",)
+    # the attention projections of both streams, as used by every SD3.5 RL reference (flow_grpo, NFT, AWM, OPD)
+    default_lora_target_modules = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    )
+
+    def default_max_sequence_length(self) -> int:
+        tokenizer = self.pipe.tokenizer_3
+        return min(256, tokenizer.model_max_length) if tokenizer is not None else 256
+
+    def frozen_modules(self) -> list[nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
+
+    @property
+    def default_resolution(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts,
+            None,
+            None,
+            device=self.transformer.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": prompt_embeds, "pooled_projections": pooled}
+
+    def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+        dtype = self.transformer.dtype
+        return transformer(
+            hidden_states=latents.to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_projections"].to(dtype),
+            timestep=(sigma.float() * 1000).to(dtype),
+            return_dict=False,
+        )[0]
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        factor = self.pipe.vae_scale_factor * self.transformer.config.patch_size
+        if height % factor or width % factor:
+            raise ValueError(f"Height and width must be multiples of {factor} for this pipeline; got {height}x{width}.")
+        f = self.pipe.vae_scale_factor
+        return (self.transformer.config.in_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)

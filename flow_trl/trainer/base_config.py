@@ -1,0 +1,187 @@
+"""`FlowRLConfig`: the `TrainingArguments` shared by every flow_trl trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from ..sampling import STEP_TYPES
+
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class FlowRLConfig(TrainingArguments):
+    r"""
+    Configuration shared by all flow_trl trainers (a [`~transformers.TrainingArguments`] subclass).
+
+    > Parameters that control the model
+
+    model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+        Keyword arguments for `DiffusionPipeline.from_pretrained` when `model` is an id or path (e.g.
+        `{"dtype": "bfloat16"}`).
+    max_sequence_length (`int`, *optional*):
+        Token length of the long text encoder (T5 for SD3). Defaults to `min(256, tokenizer max length)`.
+
+    > Parameters that control generation (rollouts)
+
+    num_generations (`int`, defaults to `8`):
+        Images per prompt (the group size). Must be at least 2 and divide `generation_batch_size`.
+    generation_batch_size (`int`, *optional*):
+        Images generated per rollout across all processes. Defaults to
+        `per_device_train_batch_size * num_processes * steps_per_generation`. Set at most one of this and
+        `steps_per_generation`.
+    steps_per_generation (`int`, *optional*):
+        Micro-batches served from one rollout. Defaults to `gradient_accumulation_steps`.
+    num_iterations (`int`, defaults to `1`):
+        Passes over each rollout (PPO's mu).
+    resolution (`int`, *optional*):
+        Image height and width in pixels. Defaults to the pipeline's native resolution.
+    num_inference_steps (`int`, defaults to `10`):
+        Sampling steps of a rollout (and of evaluation).
+    guidance_scale (`float`, defaults to `4.5`):
+        Classifier-free guidance scale in rollouts, training forwards and evaluation (`1.0` = no CFG).
+    sde_type (`str`, defaults to `"ode"`):
+        Step function of rollouts: `"ode"` (Euler), `"flow_sde"`, `"dance_sde"` or `"cps"`.
+    noise_level (`float`, defaults to `0.7`):
+        Noise level (eta) of the stochastic step functions; ignored by `"ode"`.
+
+    > Parameters that control rewards and advantages
+
+    reward_weights (`list[float]`, *optional*):
+        One weight per reward function; all ones by default.
+    scale_rewards (`str`, defaults to `"group"`):
+        Advantage normalisation: `(r - group mean) / (std + 1e-4)` with the group's std (`"group"`), the std of the
+        whole rollout (`"batch"`, flow_grpo's `global_std`), or no division (`"none"`).
+    advantage_clip (`float`, *optional*, defaults to `5.0`):
+        Clip advantages to `[-advantage_clip, advantage_clip]`; `None` disables clipping.
+
+    > Parameters that control regularization and diagnostics
+
+    beta (`float`, defaults to `0.0`):
+        Coefficient of the velocity-space KL to the reference model (the base model: LoRA adapters disabled).
+    norm_guard_coef (`float`, defaults to `0.0`):
+        Coefficient of the NormGuard hinge on velocity norms above the reference's (trainers with `NormGuardMixin`).
+    diagnostics_every_log (`bool`, defaults to `True`):
+        On logging steps, run the reference forward even when no loss term needs it, to log
+        `velocity_norm_ratio` (the norm-inflation diagnostic). Costs one forward per trained timestep on those steps.
+
+    > Parameters that control evaluation and logging
+
+    eval_seed (`int`, defaults to `0`):
+        Seed of evaluation noise: prompt `i` of the eval dataset always gets seed `eval_seed + i`.
+    num_images_to_log (`int`, defaults to `16`):
+        Evaluation samples saved as a grid (under `output_dir/samples/` and to image-capable loggers); `0` disables.
+
+    > [!NOTE]
+    > Defaults that differ from `TrainingArguments`: `learning_rate=3e-4`, `weight_decay=1e-4`, `logging_steps=10`,
+    > `remove_unused_columns=False` (extra dataset columns reach the reward functions), `gradient_checkpointing`
+    > is applied with diffusers' `enable_gradient_checkpointing`. Precision follows `bf16`/`fp16` only (fp32 on CPU).
+    """
+
+    # Parameters whose default values differ from TrainingArguments
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (LoRA-sized default)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column: extra columns are passed to reward functions."}
+    )
+
+    # model
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for `DiffusionPipeline.from_pretrained`."}
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "Token length of the long text encoder (T5 for SD3); min(256, max) if unset."}
+    )
+
+    # generation
+    num_generations: int = field(default=8, metadata={"help": "Images per prompt (group size), at least 2."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Images per rollout across processes (exclusive with steps_per_generation)."}
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches served from one rollout; gradient_accumulation_steps if unset."}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Passes over each rollout (PPO's mu)."})
+    resolution: int | None = field(default=None, metadata={"help": "Image size in pixels; the pipeline's if unset."})
+    num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of rollouts and evaluation."})
+    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale in rollouts, training and evaluation."})
+    sde_type: str = field(
+        default="ode", metadata={"help": "Rollout step function: 'ode', 'flow_sde', 'dance_sde' or 'cps'."}
+    )
+    noise_level: float = field(default=0.7, metadata={"help": "Noise level (eta) of stochastic step functions."})
+
+    # rewards and advantages
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (all ones if unset)."}
+    )
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Advantage std: 'group', 'batch' (global std) or 'none'."}
+    )
+    advantage_clip: float | None = field(
+        default=5.0, metadata={"help": "Clip advantages to +-this value; None disables clipping."}
+    )
+
+    # regularization and diagnostics
+    beta: float = field(default=0.0, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
+    norm_guard_coef: float = field(
+        default=0.0, metadata={"help": "NormGuard hinge coefficient on velocity norms above the reference's."}
+    )
+    diagnostics_every_log: bool = field(
+        default=True, metadata={"help": "Run the reference forward on logging steps to log velocity_norm_ratio."}
+    )
+
+    # evaluation and logging
+    eval_seed: int = field(default=0, metadata={"help": "Eval prompt i always uses seed eval_seed + i."})
+    num_images_to_log: int = field(default=16, metadata={"help": "Eval samples saved as an image grid; 0 disables."})
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "auto_find_batch_size=True would shrink batches and split prompt groups. Set it to False and lower "
+                "`per_device_train_batch_size` instead."
+            )
+        num_processes = self.world_size
+        per_step = self.per_device_train_batch_size * num_processes
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("Set at most one of `generation_batch_size` and `steps_per_generation`.")
+        if self.generation_batch_size is None:
+            self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+            self.generation_batch_size = per_step * self.steps_per_generation
+        elif self.generation_batch_size % per_step:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                f"per_device_train_batch_size * num_processes ({self.per_device_train_batch_size} * "
+                f"{num_processes} = {per_step})."
+            )
+        else:
+            self.steps_per_generation = self.generation_batch_size // per_step
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2 (group-relative advantages); got {self.num_generations}.")
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"The generation batch ({self.generation_batch_size} images = per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x {num_processes} processes x steps_per_generation "
+                f"{self.steps_per_generation}) must be divisible by num_generations ({self.num_generations}). "
+                "Change per_device_train_batch_size, steps_per_generation or num_generations."
+            )
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}; got {self.scale_rewards!r}.")
+        if self.sde_type not in STEP_TYPES:
+            raise ValueError(f"sde_type must be one of {STEP_TYPES}; got {self.sde_type!r}.")
+        if self.num_inference_steps < 2:
+            raise ValueError(f"num_inference_steps must be at least 2; got {self.num_inference_steps}.")
+        for name in ("noise_level", "beta", "norm_guard_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
+        if self.advantage_clip is not None and self.advantage_clip <= 0:
+            raise ValueError(f"advantage_clip must be positive or None; got {self.advantage_clip}.")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}.")

@@ -1,0 +1,575 @@
+"""`FlowRLTrainer`: the `transformers.Trainer` every flow_trl algorithm subclasses.
+
+One iteration: prompts (each repeated `num_generations` times, groups kept together across processes) -> rollout
+with the sampling policy -> images -> reward functions -> weighted reward -> group advantages -> buffered slices,
+each trained by the algorithm's loss over its timesteps (+ regularizers) -> optimizer step through the Trainer.
+
+An algorithm subclass sets a few class attributes (`config_class`, `_name`, `_policy_adapters`, `_sampling_policy`)
+and implements `_num_loss_chunks` and `_compute_loss`. Everything else (rollouts, rewards, advantages, buffering,
+LoRA and policy copies, saving in diffusers format, resume, evaluation, metrics) lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from torch import nn
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import set_seed
+
+from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats
+from ..models import get_adapter, index_conditioning, load_pipeline
+from ..regularizers import velocity_kl, velocity_norm_ratio
+from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
+from ..sampling import rollout, sigma_grid
+from .base_config import FlowRLConfig
+
+
+POLICY_STATE_FILE = "flow_trl_policies.safetensors"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+class RepeatSampler(Sampler[int]):
+    """Yield dataset indices so that each prompt's `num_generations` copies stay together, for all processes.
+
+    Unique prompts are drawn ``prompts_per_generation`` at a time from a permutation seeded by ``seed + epoch``;
+    each chunk is emitted ``repeat_count`` times (once per micro-batch served from the rollout), each index
+    ``num_generations`` times in a row::
+
+        chunk [a, b], G = 2, repeat 2  ->  a a b b | a a b b      (one rollout of 4 images, served twice)
+
+    The process-split dataloader gives each process a contiguous slice, so a gather restores whole groups.
+    """
+
+    def __init__(self, num_rows: int, num_generations: int, prompts_per_generation: int, repeat_count: int,
+                 seed: int = 0):
+        if num_rows < prompts_per_generation:
+            raise ValueError(
+                f"The training dataset has {num_rows} prompts but one rollout needs {prompts_per_generation} distinct "
+                "prompts (generation_batch_size / num_generations). Add prompts or lower generation_batch_size."
+            )
+        self.num_rows, self.num_generations = num_rows, num_generations
+        self.prompts_per_generation, self.repeat_count = prompts_per_generation, repeat_count
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        n = self.prompts_per_generation
+        for start in range(0, self.num_rows - n + 1, n):
+            chunk = order[start : start + n].tolist()
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    yield from [index] * self.num_generations
+
+    def __len__(self) -> int:
+        return (self.num_rows // self.prompts_per_generation) * self.prompts_per_generation * (
+            self.num_generations * self.repeat_count
+        )
+
+
+def _identity(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
+class FlowRLTrainer(Trainer):
+    """Base trainer of flow_trl; use one of its algorithm subclasses (e.g. [`FlowNFTTrainer`]).
+
+    Args:
+        model (`str` or `DiffusionPipeline`): a model id or path (loaded with `DiffusionPipeline.from_pretrained`
+            and `args.model_init_kwargs`) or a pipeline object. Its transformer is trained.
+        args (`FlowRLConfig` subclass, *optional*): the algorithm's config; `<Algo>Config(output_dir=...)` if unset.
+        reward_funcs (callable, `str`, or a list of them): see [`flow_trl.rewards`]. Names of built-ins are
+            accepted (e.g. `"shapes"`).
+        train_dataset (`datasets.Dataset`): prompts in a `prompt` column; every other column reaches the reward
+            functions as a keyword argument.
+        eval_dataset (`datasets.Dataset`, *optional*): held-out prompts, evaluated with fixed seeds and ODE sampling.
+        callbacks (`list[TrainerCallback]`, *optional*), optimizers (`tuple`, *optional*): as in `Trainer`.
+        peft_config (`peft.LoraConfig`, *optional*): train a LoRA adapter (recommended). Without it, the whole
+            transformer is trained and reference/old policies are full frozen copies.
+    """
+
+    config_class: type[FlowRLConfig] = FlowRLConfig
+    _tag_names = ["flow-trl", "diffusers", "text-to-image"]
+    _name = "FlowRL"
+    _paper: dict[str, str] = {}
+    _policy_adapters: tuple[str, ...] = ()  # extra named policies the algorithm keeps (e.g. NFT's "old")
+    _sampling_policy = "default"  # the policy that generates rollouts
+    loss_is_scaled_for_ga = True  # training_step divides by gradient accumulation itself
+
+    def __init__(
+        self,
+        model,
+        args: FlowRLConfig | None = None,
+        reward_funcs=None,
+        train_dataset=None,
+        eval_dataset=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if args is None:
+            name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "pipeline"
+            args = self.config_class(output_dir=f"{name}-{self._name}")
+        elif not isinstance(args, self.config_class):
+            raise TypeError(
+                f"`args` must be a {self.config_class.__name__}, got {type(args).__name__}. flow_trl's signature is "
+                f"{type(self).__name__}(model, args=..., reward_funcs=[...], ...): pass reward functions by keyword."
+            )
+        if train_dataset is not None and "prompt" not in train_dataset.column_names:
+            raise ValueError(
+                f"The training dataset needs a 'prompt' column; its columns are {train_dataset.column_names}. "
+                "Rename your text column with `dataset.rename_column(old, 'prompt')`."
+            )
+        if eval_dataset is not None and "prompt" not in eval_dataset.column_names:
+            raise ValueError(f"The eval dataset needs a 'prompt' column; its columns are {eval_dataset.column_names}.")
+        if args.norm_guard_coef > 0 and not any(c.__name__ == "NormGuardMixin" for c in type(self).__mro__):
+            raise ValueError(f"{type(self).__name__} does not include NormGuardMixin; set norm_guard_coef=0.")
+        set_seed(args.seed)
+
+        self.pipe = load_pipeline(model, args.model_init_kwargs)
+        self.adapter = get_adapter(self.pipe, args.max_sequence_length)
+        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
+                "functions; give one weight per function."
+            )
+        self.resolution = args.resolution or self.adapter.default_resolution
+        self.adapter.latent_shape(self.resolution, self.resolution)  # validates the resolution early
+
+        transformer = self.adapter.transformer
+        for module in self.adapter.frozen_modules():
+            module.requires_grad_(False).eval()
+        self.is_lora = peft_config is not None
+        self._policy_models: dict[str, nn.Module] = {}
+        if self.is_lora:
+            transformer.requires_grad_(False)
+            transformer.add_adapter(peft_config, adapter_name="default")
+            for name in self._policy_adapters:
+                transformer.add_adapter(copy.deepcopy(peft_config), adapter_name=name)
+            self._activate("default")
+            for name in self._policy_adapters:
+                self._copy_adapter("default", name)
+        else:
+            transformer.requires_grad_(True)
+            for name in (*self._policy_adapters, "ref"):
+                self._policy_models[name] = copy.deepcopy(transformer).requires_grad_(False).eval()
+        if args.gradient_checkpointing:  # diffusers' API, not transformers' gradient_checkpointing_enable
+            transformer.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+
+        super().__init__(
+            model=transformer,
+            args=args,
+            data_collator=_identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        for module in self.adapter.frozen_modules():
+            module.to(self.accelerator.device)
+        for module in self._policy_models.values():
+            module.to(self.accelerator.device)
+        self.sigmas = sigma_grid(args.num_inference_steps, self.adapter.scheduler_shift)
+        self._negative_cond = None
+        if args.guidance_scale != 1.0:
+            self._negative_cond = self.adapter.encode_prompts([""])
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._buffered_inputs: list[dict[str, Any]] | None = None
+        self._step = 0
+
+    # ---- policies ----------------------------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _activate(self, name: str) -> None:
+        """Make adapter `name` the active one; only "default" is ever trainable."""
+        self.transformer.set_adapter(name)
+        for param_name, param in self.transformer.named_parameters():
+            if "lora_" in param_name:
+                param.requires_grad_(".default." in param_name)
+
+    def _copy_adapter(self, source: str, target: str, decay: float = 0.0) -> None:
+        """``target <- decay * target + (1 - decay) * source`` for every LoRA (or full-copy) weight."""
+        with torch.no_grad():
+            if self.is_lora:
+                params = dict(self.transformer.named_parameters())
+                for name, param in params.items():
+                    if f".{target}." in name:
+                        param.lerp_(params[name.replace(f".{target}.", f".{source}.")], 1.0 - decay)
+            else:
+                src = self.transformer if source == "default" else self._policy_models[source]
+                for p_t, p_s in zip(self._policy_models[target].parameters(), src.parameters()):
+                    p_t.lerp_(p_s, 1.0 - decay)
+
+    @contextmanager
+    def policy(self, name: str, model: nn.Module | None = None):
+        """Yield the module that computes policy `name`: "default" (trained), "ref" (base), or a named policy.
+
+        `model` is the (possibly DDP-wrapped) module to use for "default"; with LoRA every policy is the same
+        module with another adapter active (or adapters disabled for "ref").
+        """
+        if name == "default":
+            yield model if model is not None else self.model
+        elif not self.is_lora:
+            yield self._policy_models[name]
+        elif name == "ref":
+            self.transformer.disable_adapters()
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.enable_adapters()
+        else:
+            self._activate(name)
+            try:
+                yield self.transformer
+            finally:
+                self._activate("default")
+
+    def velocity(self, module: nn.Module, latents, sigma, cond) -> torch.Tensor:
+        """The guided velocity of `module`, with the same CFG scale and negative prompt as the rollouts."""
+        with torch.autocast(self.accelerator.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            return self.adapter.velocity(
+                module, latents, sigma, cond, self.args.guidance_scale, self._negative_cond
+            ).float()
+
+    # ---- data --------------------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, dataset=None) -> Sampler:
+        dataset = dataset if dataset is not None else self.train_dataset
+        args = self.args
+        return RepeatSampler(
+            num_rows=len(dataset),
+            num_generations=args.num_generations,
+            prompts_per_generation=args.generation_batch_size // args.num_generations,
+            repeat_count=args.num_iterations * args.steps_per_generation,
+            seed=args.seed,
+        )
+
+    def get_train_dataloader(self):
+        """Trainer's dataloader, but each batch is one process's share of a whole rollout (the generation batch)."""
+        if self.train_dataset is None:
+            raise ValueError("Training requires a train_dataset.")
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["prompt"]
+
+    # ---- rollouts ----------------------------------------------------------------------------------------------
+
+    def _rollout_generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator that depends only on (seed, global step, process, salt): rollouts are resumable."""
+        seed = hash((self.args.seed, self.state.global_step, self.accelerator.process_index, salt)) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def encode_prompts(self, prompts: list[str]):
+        """Encode each distinct prompt once and index the result back to the batch."""
+        unique = list(dict.fromkeys(prompts))
+        cond = self.adapter.encode_prompts(unique)
+        index = torch.tensor([unique.index(p) for p in prompts], device=next(iter(cond.values())).device)
+        return index_conditioning(cond, index)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], generator: torch.Generator, policy: str = "default", step_type="ode",
+               batch_size: int | None = None):
+        """Roll out `policy` on `prompts`; returns ``(conditioning, Rollout)`` for the whole batch."""
+        cond = self.encode_prompts(prompts)
+        noise = self.adapter.initial_noise(len(prompts), self.resolution, self.resolution, generator,
+                                           self.compute_dtype)
+        batch_size = batch_size or len(prompts)
+        chunks = []
+        with self.policy(policy) as module:
+            for i in range(0, len(prompts), batch_size):
+                sub = index_conditioning(cond, slice(i, i + batch_size))
+                chunks.append(rollout(
+                    lambda x, s, sub=sub: self.velocity(module, x, s, sub),
+                    noise[i : i + batch_size],
+                    self.sigmas.to(noise.device),
+                    step_type=step_type,
+                    noise_level=self.args.noise_level,
+                    generator=generator,
+                ))
+        return cond, chunks
+
+    def _generate_and_score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Roll out the sampling policy on this process's rows, score, and compute group advantages."""
+        args = self.args
+        prompts = [row["prompt"] for row in rows]
+        generator = self._rollout_generator()
+        cond, chunks = self.sample(prompts, generator, self._sampling_policy, args.sde_type,
+                                   batch_size=args.per_device_train_batch_size)
+        latents = torch.cat([c.latents for c in chunks])
+        images = self.adapter.decode(latents)
+        columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+        rewards = compute_rewards(self.reward_funcs, prompts, images, columns, trainer_state=self.state)
+        all_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+        total = weighted_reward(all_rewards, args.reward_weights)
+        advantages = group_advantages(total, args.num_generations, args.scale_rewards)
+        advantages = clip_advantages(advantages, args.advantage_clip)
+        start = self.accelerator.process_index * len(prompts)
+        self._log_rollout_metrics(all_rewards, total, advantages)
+        inputs = {
+            "cond": cond,
+            "latents": latents,
+            "advantages": advantages[start : start + len(prompts)].to(latents.device),
+        }
+        if chunks[0].log_probs is not None:
+            inputs["latents_before"] = torch.cat([c.latents_before for c in chunks])
+            inputs["latents_after"] = torch.cat([c.latents_after for c in chunks])
+            inputs["log_probs"] = torch.cat([c.log_probs for c in chunks])
+            inputs["step_indices"] = torch.tensor(chunks[0].step_indices).expand(len(prompts), -1)
+        inputs.update(self._prepare_training_inputs(inputs, generator))
+        return inputs
+
+    def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Per-sample tensors the algorithm draws once per rollout (e.g. timesteps and noise); none by default."""
+        return {}
+
+    def _log_rollout_metrics(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
+        metrics = self._metrics["train"]
+        for j, name in enumerate(self.reward_func_names):
+            column = rewards[:, j]
+            finite = column[~torch.isnan(column)]
+            if len(finite):
+                metrics[f"rewards/{name}/mean"].append(finite.mean().item())
+                metrics[f"rewards/{name}/std"].append(finite.std(unbiased=False).item())
+        for key, value in {**reward_stats(total, self.args.num_generations), **advantage_stats(advantages)}.items():
+            metrics[key].append(value)
+
+    def _before_generation(self) -> None:
+        """Hook run before each rollout (NFT soft-updates its old policy here)."""
+
+    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Serve one micro-batch; generate a new rollout every `steps_per_generation * num_iterations` calls."""
+        args = self.args
+        if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
+            self._before_generation()
+            inputs = self._generate_and_score(generation_batch)
+            order = torch.randperm(len(generation_batch), generator=self._rollout_generator(salt=1))
+            self._buffered_inputs = _split(inputs, order, args.steps_per_generation)
+        return self._buffered_inputs[self._step % args.steps_per_generation]
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
+        """How many backward passes one micro-batch is split into (e.g. one per trained timestep)."""
+        raise NotImplementedError
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
+        """The algorithm's loss for chunk `chunk` of a micro-batch (appends its metrics to `self._metrics`)."""
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One micro-batch: each loss chunk is back-propagated on its own, so activations of one chunk at a time live."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        num_chunks = self._num_loss_chunks(inputs)
+        total = torch.zeros((), device=self.accelerator.device)
+        for chunk in range(num_chunks):
+            with self.compute_loss_context_manager():
+                loss = self._compute_loss(model, inputs, chunk) / num_chunks
+            self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+            total += loss.detach()
+        self._step += 1
+        return total / self.current_gradient_accumulation_steps
+
+    def _needs_reference(self) -> bool:
+        """Whether this step runs the reference forward: for the KL, for a regularizer, or for diagnostics."""
+        every = max(1, int(self.args.logging_steps))
+        logging_step = (self.state.global_step + 1) % every == 0
+        return self.args.beta > 0 or (self.args.diagnostics_every_log and logging_step)
+
+    def _velocity_regularization(self, v: torch.Tensor, v_ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """KL to the reference (`beta`) and the norm-inflation diagnostic; mixins add terms via `super()`."""
+        metrics = {"velocity_norm_ratio": velocity_norm_ratio(v.detach(), v_ref).mean().item()}
+        if self.args.beta == 0:
+            return v.new_zeros(()), metrics
+        loss, kl_metrics = velocity_kl(v, v_ref, self.args.beta)
+        return loss, {**metrics, **kl_metrics}
+
+    def reference_terms(self, latents, sigma, cond, v: torch.Tensor) -> torch.Tensor:
+        """Regularization of velocity `v` against the reference at the same inputs (0 when none is needed)."""
+        if not self._needs_reference():
+            return v.new_zeros(())
+        with torch.no_grad(), self.policy("ref") as ref:
+            v_ref = self.velocity(ref, latents, sigma, cond)
+        loss, metrics = self._velocity_regularization(v, v_ref)
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+        return loss
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Generate the eval prompts with fixed seeds (ODE, trained policy), score them, log means and a grid."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (held-out prompts).")
+        self.model.eval()
+        rows = list(dataset)
+        with self.accelerator.split_between_processes(list(range(len(rows)))) as mine:
+            scores, images = [], []
+            batch = self.args.per_device_eval_batch_size
+            for i in range(0, len(mine), batch):
+                idx = mine[i : i + batch]
+                sub = [rows[k] for k in idx]
+                prompts = [r["prompt"] for r in sub]
+                cond = self.encode_prompts(prompts)
+                noise = torch.cat([
+                    self.adapter.initial_noise(1, self.resolution, self.resolution,
+                                               torch.Generator().manual_seed(self.args.eval_seed + k),
+                                               self.compute_dtype)
+                    for k in idx
+                ])
+                out = rollout(lambda x, s: self.velocity(self.model, x, s, cond), noise,
+                              self.sigmas.to(noise.device))
+                imgs = self.adapter.decode(out.latents)
+                columns = {key: [r[key] for r in sub] for key in sub[0] if key != "prompt"}
+                scores += compute_rewards(self.reward_funcs, prompts, imgs, columns, trainer_state=self.state).tolist()
+                images.append(imgs.cpu())
+        scores = torch.tensor(gather_object(scores), dtype=torch.float32)
+        metrics = {}
+        for j, name in enumerate(self.reward_func_names):
+            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = scores[:, j].nanmean().item()
+        metrics[f"{metric_key_prefix}_reward"] = weighted_reward(scores, self.args.reward_weights).nanmean().item()
+        if self.args.num_images_to_log and self.accelerator.is_main_process and images:
+            self._save_samples(torch.cat(images)[: self.args.num_images_to_log])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _save_samples(self, images: torch.Tensor) -> None:
+        from ..toy.evaluation import save_image_grid
+
+        path = Path(self.args.output_dir) / "samples" / f"eval_step_{self.state.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_grid(images, path, ncols=min(8, len(images)))
+        for callback in self.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.add_images("eval/samples", images, self.state.global_step)
+
+    # ---- logging -----------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    # ---- saving and resuming -----------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save the trained weights in diffusers format: a LoRA `load_lora_weights` accepts, or the transformer."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if self.is_lora:
+            from peft.utils import get_peft_model_state_dict
+
+            lora = get_peft_model_state_dict(self.transformer, adapter_name="default")
+            type(self.pipe).save_lora_weights(output_dir, transformer_lora_layers=lora, safe_serialization=True)
+        else:
+            self.transformer.save_pretrained(os.path.join(output_dir, "transformer"))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self._policy_adapters and self.args.should_save:
+            from safetensors.torch import save_file
+
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            save_file(self._policy_state(), os.path.join(folder, POLICY_STATE_FILE))
+
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        if self.is_lora:
+            return {n: p.detach().clone().contiguous() for n, p in self.transformer.named_parameters()
+                    if any(f".{a}." in n for a in self._policy_adapters)}
+        return {f"{a}.{n}": p.detach().clone().contiguous() for a in self._policy_adapters
+                for n, p in self._policy_models[a].named_parameters()}
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load what `_save`/`_save_checkpoint` wrote (diffusers-format weights and the extra policies)."""
+        from safetensors.torch import load_file
+
+        if self.is_lora:
+            from peft.utils import set_peft_model_state_dict
+
+            state = load_file(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME))
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            result = set_peft_model_state_dict(self.transformer, state, adapter_name="default")
+            if result.unexpected_keys:
+                raise ValueError(f"Checkpoint LoRA has unexpected keys: {result.unexpected_keys[:5]}")
+        else:
+            from diffusers.models.modeling_utils import load_state_dict
+
+            folder = os.path.join(resume_from_checkpoint, "transformer")
+            files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+            state = {}
+            for f in files:
+                state.update(load_state_dict(os.path.join(folder, f)))
+            self.transformer.load_state_dict(state)
+        policy_file = os.path.join(resume_from_checkpoint, POLICY_STATE_FILE)
+        if self._policy_adapters:
+            if not os.path.isfile(policy_file):
+                raise FileNotFoundError(f"{policy_file} is missing: this checkpoint cannot resume {self._name}.")
+            saved = load_file(policy_file)
+            with torch.no_grad():
+                if self.is_lora:
+                    params = dict(self.transformer.named_parameters())
+                    for name, value in saved.items():
+                        params[name].copy_(value)
+                else:
+                    for a in self._policy_adapters:
+                        for n, p in self._policy_models[a].named_parameters():
+                            p.copy_(saved[f"{a}.{n}"])
+
+
+def _split(inputs: dict[str, Any], order: torch.Tensor, num_slices: int) -> list[dict[str, Any]]:
+    """Shuffle the batch dimension of every tensor (and conditioning) by `order`, then cut into `num_slices`."""
+    n = len(order)
+    size = n // num_slices
+    slices = []
+    for s in range(num_slices):
+        idx = order[s * size : (s + 1) * size]
+        piece = {}
+        for key, value in inputs.items():
+            if isinstance(value, dict):
+                piece[key] = index_conditioning(value, idx.to(next(iter(value.values())).device))
+            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                piece[key] = value[idx.to(value.device)]
+            else:
+                piece[key] = value
+        slices.append(piece)
+    return slices
+
+
+__all__ = ["FlowRLTrainer", "RepeatSampler"]

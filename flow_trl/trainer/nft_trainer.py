@@ -1,0 +1,150 @@
+"""`FlowNFTTrainer`: Diffusion-NFT (negative-aware fine-tuning on the forward process)."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base_trainer import FlowRLTrainer
+from .mixins import NormGuardMixin
+from .nft_config import FlowNFTConfig
+
+
+def old_policy_decay(step: int, schedule: str) -> float:
+    """The decay `d` of NFT's old-policy update ``old <- d old + (1 - d) theta`` at optimizer step `step`."""
+    if schedule == "none":
+        return 0.0
+    if schedule == "linear":
+        return min(0.001 * step, 0.5)
+    if schedule == "delayed":
+        return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
+    raise ValueError(f"Unknown old_policy_decay {schedule!r}; expected 'none', 'linear' or 'delayed'.")
+
+
+def advantage_to_r(advantages: torch.Tensor, advantage_clip: float) -> torch.Tensor:
+    """NFT's optimality probability ``r = clip(A / clip / 2 + 0.5, 0, 1)``: A = 0 -> 0.5, A >= clip -> 1."""
+    return (advantages.clamp(-advantage_clip, advantage_clip) / advantage_clip / 2 + 0.5).clamp(0, 1)
+
+
+def nft_loss(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    r: torch.Tensor,
+    nft_beta: float,
+    loss_scale: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Diffusion-NFT's policy loss (algorithms.md section 4), a pure function.
+
+    ``v+ = b v_theta + (1 - b) v_old`` and ``v- = (1 + b) v_old - b v_theta`` define x0-predictions
+    ``x0± = x_t - sigma v±``; each squared error is divided by its detached mean absolute error (adaptive weighting,
+    clipped below at 1e-5), and ``loss = loss_scale * mean_b((r L+ + (1 - r) L-) / b)``. All math in fp32.
+
+    Args:
+        v_theta: trained velocity `[B, ...]` (with gradient). v_old: old-policy velocity (no gradient).
+        x_t: the noised clean latents at `sigma`. x0: the clean latents. sigma: `[B]` in [0, 1].
+        r: `[B]` optimality probabilities in [0, 1]. nft_beta: `b` above. loss_scale: the reference multiplies by
+            its advantage clip (5).
+    """
+    dims = tuple(range(1, v_theta.dim()))
+    s = sigma.float().view(-1, *([1] * (v_theta.dim() - 1)))
+    v_theta, v_old, x_t, x0 = v_theta.float(), v_old.float().detach(), x_t.float(), x0.float()
+    x0_pos = x_t - s * (nft_beta * v_theta + (1 - nft_beta) * v_old)
+    x0_neg = x_t - s * ((1 + nft_beta) * v_old - nft_beta * v_theta)
+    w_pos = (x0_pos - x0).abs().mean(dims).detach().clamp(min=1e-5)
+    w_neg = (x0_neg - x0).abs().mean(dims).detach().clamp(min=1e-5)
+    loss_pos = (x0_pos - x0).pow(2).mean(dims) / w_pos
+    loss_neg = (x0_neg - x0).pow(2).mean(dims) / w_neg
+    loss = loss_scale * ((r * loss_pos + (1 - r) * loss_neg) / nft_beta).mean()
+    metrics = {"nft/positive_loss": loss_pos.mean().item(), "nft/negative_loss": loss_neg.mean().item()}
+    return loss, metrics
+
+
+class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
+    """Trainer for Diffusion-NFT ([DiffusionNFT: Online Diffusion Reinforcement with Forward
+    Process](https://huggingface.co/papers/2509.16117)).
+
+    Rollouts sample clean images with the "old" policy (any sampler, ODE by default); training noises them again
+    at grid sigmas and regresses the implicit positive policy toward high-reward images and the implicit negative
+    policy toward low-reward ones. No likelihoods, no trajectories: only final latents are kept.
+
+    Example:
+
+    ```python
+    from peft import LoraConfig
+    from flow_trl import FlowNFTConfig, FlowNFTTrainer
+    from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+
+    trainer = FlowNFTTrainer(
+        model=str(SHAPES_PIPELINE_DIR),
+        args=FlowNFTConfig(output_dir="shapes-nft", max_steps=100),
+        reward_funcs="shapes",
+        train_dataset=shapes_dataset("train"),
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["attn.to_q", "attn.to_k", "attn.to_v"]),
+    )
+    trainer.train()
+    ```
+
+    Args: see [`FlowRLTrainer`]; `args` is a [`FlowNFTConfig`].
+    """
+
+    config_class = FlowNFTConfig
+    _tag_names = ["flow-trl", "diffusers", "text-to-image", "nft"]
+    _name = "NFT"
+    # docstyle-ignore
+    _paper = {
+        "title": "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
+        "id": "2509.16117",
+        "citation": textwrap.dedent("""\
+            @inproceedings{zheng2026diffusionnft,
+                title     = {{DiffusionNFT: Online Diffusion Reinforcement with Forward Process}},
+                author    = {Kaiwen Zheng and Huayu Chen and Haotian Ye and Haoxiang Wang and Qinsheng Zhang and
+                             Kai Jiang and Hang Su and Stefano Ermon and Jun Zhu and Ming-Yu Liu},
+                booktitle = {International Conference on Learning Representations},
+                year      = {2026},
+            }"""),
+    }
+    _policy_adapters = ("old",)
+    _sampling_policy = "old"
+
+    def _before_generation(self) -> None:
+        if self.state.global_step > 0:
+            decay = old_policy_decay(self.state.global_step, self.args.old_policy_decay)
+            self._copy_adapter("default", "old", decay=decay)
+            self._metrics["train"]["nft/old_policy_decay"].append(decay)
+
+    def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Per sample: `int(T * timestep_fraction)` distinct grid sigmas in random order, and their fresh noise."""
+        latents = inputs["latents"]
+        n, steps = len(latents), self.args.num_inference_steps
+        k = max(1, int(steps * self.args.timestep_fraction))
+        order = torch.stack([torch.randperm(steps, generator=generator)[:k] for _ in range(n)])
+        noise = torch.randn((n, k, *latents.shape[1:]), generator=generator, dtype=torch.float32)
+        return {"train_sigmas": self.sigmas[order].to(latents.device), "train_noise": noise.to(latents.device)}
+
+    def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
+        return inputs["train_sigmas"].shape[1]
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
+        cond = inputs["cond"]
+        x0 = inputs["latents"].float()
+        sigma = inputs["train_sigmas"][:, chunk]
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        x_t = (1 - s) * x0 + s * inputs["train_noise"][:, chunk]
+        v_theta = self.velocity(model, x_t, sigma, cond)
+        with torch.no_grad(), self.policy("old") as old:
+            v_old = self.velocity(old, x_t, sigma, cond)
+        r = advantage_to_r(inputs["advantages"], self.args.advantage_clip)
+        loss, metrics = nft_loss(v_theta, v_old, x_t, x0, sigma, r, self.args.nft_beta, self.args.advantage_clip)
+        loss = loss + self.reference_terms(x_t, sigma, cond, v_theta)
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+        return loss
+
+
+__all__ = ["FlowNFTTrainer", "advantage_to_r", "nft_loss", "old_policy_decay"]
