@@ -1,5 +1,6 @@
 """The ``flow-trl`` command line.
 
+    flow-trl nft                            # Diffusion-NFT on the shapes world (flags or --config cfg.yaml)
     flow-trl evaluate                       # score the shipped shapes pipeline on held-out prompts
     flow-trl evaluate --lora my-run/        # ... with a diffusers-format LoRA loaded on top
 """
@@ -10,6 +11,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+TRAINING_COMMANDS = {"nft": "flow_trl.scripts.nft"}  # command -> module with a `cli(argv)` function
 
 
 def _print_table(metrics: dict[str, float]) -> None:
@@ -52,6 +56,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="flow-trl", description="RL post-training for flow-matching image models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in TRAINING_COMMANDS:
+        sub.add_parser(name, help=f"Train with {name.upper()} (`flow-trl {name} --help` lists its flags).")
     ev = sub.add_parser("evaluate", help="Score a shapes-world pipeline on held-out prompts (GenEval-style).")
     ev.add_argument("--model", default=None, help="Pipeline directory; defaults to the shipped shapes pipeline.")
     ev.add_argument("--lora", default=None, help="Directory or file of diffusers-format LoRA weights to load.")
@@ -65,6 +71,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv and argv[0] in TRAINING_COMMANDS:  # training scripts own their (dataclass) flags
+        import importlib
+
+        importlib.import_module(TRAINING_COMMANDS[argv[0]]).cli(argv[1:])
+        return 0
     args = make_parser().parse_args(argv)
     args.func(args)
     return 0

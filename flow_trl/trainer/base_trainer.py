@@ -156,6 +156,9 @@ class FlowRLTrainer(Trainer):
         self.is_lora = peft_config is not None
         self._policy_models: dict[str, nn.Module] = {}
         if self.is_lora:
+            if peft_config.target_modules is None:  # the family's default, e.g. SD3's attention projections
+                peft_config = copy.deepcopy(peft_config)
+                peft_config.target_modules = set(self.adapter.default_lora_target_modules)
             transformer.requires_grad_(False)
             transformer.add_adapter(peft_config, adapter_name="default")
             for name in self._policy_adapters:
@@ -496,7 +499,11 @@ class FlowRLTrainer(Trainer):
             from peft.utils import get_peft_model_state_dict
 
             lora = get_peft_model_state_dict(self.transformer, adapter_name="default")
-            type(self.pipe).save_lora_weights(output_dir, transformer_lora_layers=lora, safe_serialization=True)
+            # the metadata carries lora_alpha: without it diffusers assumes alpha = rank and rescales the LoRA
+            metadata = self.transformer.peft_config["default"].to_dict()
+            type(self.pipe).save_lora_weights(
+                output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
+            )
         else:
             self.transformer.save_pretrained(os.path.join(output_dir, "transformer"))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -1,0 +1,52 @@
+"""The flow-trl command: training and evaluation on the shapes world, config files, and bad keys."""
+
+import json
+
+import pytest
+
+from flow_trl.cli import main
+
+
+TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2",
+        "--num_inference_steps", "3", "--eval_num_per_family", "1", "--lora_r", "4"]
+
+
+def test_nft_on_the_shapes_world_reports_before_and_after(tmp_path, capsys):
+    assert main(["nft", "--output_dir", str(tmp_path), *TINY]) == 0
+    report = json.loads((tmp_path / "shapes_eval.json").read_text())
+    assert set(report) == {"before", "after"} and "score/position" in report["after"]
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "samples_before.png").is_file() and (tmp_path / "samples_after.png").is_file()
+    assert "held-out shapes score" in capsys.readouterr().out
+
+
+def test_yaml_config_sets_values_and_flags_override(tmp_path):
+    from flow_trl.scripts.nft import make_parser
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text("learning_rate: 0.002\nnft_beta: 0.1\nlora_r: 8\nenv:\n  FLOW_TRL_TEST_ENV: 'yes'\n")
+    script_args, args = make_parser().parse_args_and_config(
+        ["--config", str(config), "--nft_beta", "0.5", "--output_dir", str(tmp_path)]
+    )
+    assert args.learning_rate == 0.002 and args.nft_beta == 0.5 and script_args.lora_r == 8
+    import os
+
+    assert os.environ["FLOW_TRL_TEST_ENV"] == "yes"
+
+
+def test_unknown_config_keys_fail(tmp_path):
+    from flow_trl.scripts.nft import make_parser
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text("learning_rate: 0.002\nnft_betta: 0.1\n")
+    with pytest.raises(ValueError, match=r"Unknown keys in .*cfg.yaml: \['nft_betta'\]"):
+        make_parser().parse_args_and_config(["--config", str(config), "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        make_parser().parse_args_and_config(["--nft_betta", "0.1", "--output_dir", str(tmp_path)])
+
+
+def test_evaluate_command(tmp_path, capsys):
+    assert main(["evaluate", "--num_per_family", "1", "--num_inference_steps", "3", "--output_dir", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= metrics["score"] <= 1 and (tmp_path / "grid.png").is_file()
+    assert "overall" in capsys.readouterr().out
