@@ -1,0 +1,104 @@
+"""Group-relative advantages (Flow-GRPO's `PerPromptStatTracker`, TRL's `scale_rewards`) and their statistics.
+
+Groups are contiguous blocks of `num_generations` rewards (the prompt sampler keeps each prompt's generations
+together); pass the rewards gathered over all processes so that no group is split. Standard deviations are
+population stds (``unbiased=False``), as flow_grpo computes them with numpy. NaN rewards (a reward function that
+abstains; also +-inf) are left out of every mean and std.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+SCALES = ("group", "batch", "none")
+
+
+def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
+    """`[N]` rewards -> fp32 `[N / G, G]`, with clear errors on bad geometry."""
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be a 1-D tensor [N]; got shape {tuple(rewards.shape)}.")
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be at least 1; got {num_generations}.")
+    if len(rewards) % num_generations:
+        raise ValueError(
+            f"The number of rewards N={len(rewards)} is not divisible by num_generations G={num_generations}; "
+            "groups are contiguous blocks of G rewards, so pass whole groups (N a multiple of G)."
+        )
+    return rewards.float().view(-1, num_generations)
+
+
+def _nan_mean_std(values: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, population std and count of the finite values over `dim` (all elements when None); NaN if none."""
+    finite = torch.isfinite(values)
+    zeroed = torch.where(finite, values, torch.zeros_like(values))
+    dims = dim if dim is not None else tuple(range(values.ndim))
+    count = finite.sum(dim=dims, keepdim=True)
+    mean = zeroed.sum(dim=dims, keepdim=True) / count
+    var = (torch.where(finite, values - mean, torch.zeros_like(values)) ** 2).sum(dim=dims, keepdim=True)
+    return mean, (var / count).sqrt(), count
+
+
+def group_advantages(rewards: Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages ``(r - group mean) / (std + eps)``.
+
+    Args:
+        rewards (`Tensor`): `[N]` rewards; N must be a multiple of `num_generations`, groups are contiguous blocks.
+        num_generations (`int`): group size G.
+        scale (`str`, defaults to `"group"`): the std: the group's own (`"group"`), the std of all N rewards
+            (`"batch"`, flow_grpo's `global_std=True`), or no division (`"none"`). Population stds.
+        eps (`float`, defaults to `1e-4`): added to the std (flow_grpo's value; DanceGRPO uses 1e-8).
+
+    Returns:
+        `Tensor`: `[N]` fp32 advantages. Samples with a NaN reward, and every sample of a group with fewer than
+        two finite rewards, get 0.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}; got {scale!r}.")
+    grouped = _grouped(rewards, num_generations)
+    mean, group_std, count = _nan_mean_std(grouped, dim=1)
+    centred = grouped - mean
+    if scale == "group":
+        advantages = centred / (group_std + eps)
+    elif scale == "batch":
+        advantages = centred / (_nan_mean_std(grouped)[1] + eps)
+    else:
+        advantages = centred
+    valid = torch.isfinite(grouped) & (count >= 2)
+    return torch.where(valid, advantages, torch.zeros_like(advantages)).view(-1)
+
+
+def clip_advantages(adv: Tensor, max_abs: float | None) -> Tensor:
+    """Clamp advantages to ``[-max_abs, max_abs]`` (flow_grpo's `adv_clip_max`, 5); `None` returns them unchanged."""
+    if max_abs is None:
+        return adv
+    if max_abs <= 0:
+        raise ValueError(f"max_abs must be positive or None (no clipping); got {max_abs}.")
+    return adv.clamp(-max_abs, max_abs)
+
+
+def reward_stats(rewards: Tensor, num_generations: int) -> dict[str, float]:
+    """Reward metrics of one rollout: `"reward"` (NaN-ignoring mean), `"reward_std"` (population std over all
+    finite rewards) and `"frac_reward_zero_std"` (fraction of groups whose std is below 1e-8, i.e. groups that give
+    no learning signal; a group with fewer than two finite rewards counts as zero-std)."""
+    grouped = _grouped(rewards, num_generations)
+    mean, std, _ = _nan_mean_std(grouped)
+    _, group_std, count = _nan_mean_std(grouped, dim=1)
+    return {
+        "reward": mean.item(),
+        "reward_std": std.item(),
+        "frac_reward_zero_std": ((group_std < 1e-8) | (count < 2)).float().mean().item(),
+    }
+
+
+def advantage_stats(adv: Tensor) -> dict[str, float]:
+    """Advantage metrics: mean, population std, mean absolute value, max and min (keys `"advantages/..."`)."""
+    adv = adv.float()
+    return {
+        "advantages/mean": adv.mean().item(),
+        "advantages/std": adv.std(unbiased=False).item(),
+        "advantages/abs_mean": adv.abs().mean().item(),
+        "advantages/max": adv.max().item(),
+        "advantages/min": adv.min().item(),
+    }
