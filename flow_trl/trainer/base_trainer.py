@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,7 +163,9 @@ class FlowRLTrainer(Trainer):
             transformer.requires_grad_(False)
             transformer.add_adapter(peft_config, adapter_name="default")
             for name in self._policy_adapters:
-                transformer.add_adapter(copy.deepcopy(peft_config), adapter_name=name)
+                with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    transformer.add_adapter(copy.deepcopy(peft_config), adapter_name=name)
             self._activate("default")
             for name in self._policy_adapters:
                 self._copy_adapter("default", name)
@@ -200,7 +203,8 @@ class FlowRLTrainer(Trainer):
 
     @property
     def transformer(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The unwrapped trained module (the pipeline's own transformer; `self.model` may be a DDP wrapper)."""
+        return self.adapter.transformer
 
     def _activate(self, name: str) -> None:
         """Make adapter `name` the active one; only "default" is ever trainable."""
