@@ -112,6 +112,7 @@ def main(script_args: ScriptArguments, training_args) -> dict[str, Any]:
         print(f"adapter, sample grids and shapes_eval.json are in {training_args.output_dir}/")
     if training_args.push_to_hub:
         trainer.push_to_hub()
+    report["log_history"] = trainer.state.log_history
     return report
 
 
