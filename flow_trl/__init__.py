@@ -30,4 +30,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'flow_trl' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["FlowNFTConfig", "FlowNFTTrainer", "FlowRLConfig", "FlowRLTrainer", "NormGuardMixin", "__version__"]

@@ -46,7 +46,8 @@ def test_unknown_config_keys_fail(tmp_path):
 
 
 def test_evaluate_command(tmp_path, capsys):
-    assert main(["evaluate", "--num_per_family", "1", "--num_inference_steps", "3", "--output_dir", str(tmp_path)]) == 0
+    argv = ["evaluate", "--num_per_family", "1", "--num_inference_steps", "3", "--output_dir", str(tmp_path)]
+    assert main(argv) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["score"] <= 1 and (tmp_path / "grid.png").is_file()
     assert "overall" in capsys.readouterr().out

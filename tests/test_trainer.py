@@ -112,7 +112,8 @@ def test_rollout_and_training_share_one_velocity_function_ratio_is_one(tmp_path,
         with torch.no_grad():
             v = trainer.velocity(trainer.model, out.latents_before[:, k], sigma, cond)
         replay = step(step_type, out.latents_before[:, k], v, trainer.sigmas[j], trainer.sigmas[j + 1],
-                      trainer.args.noise_level, sigma_max=float(trainer.sigmas[1]), prev_sample=out.latents_after[:, k])
+                      trainer.args.noise_level, sigma_max=float(trainer.sigmas[1]),
+                      prev_sample=out.latents_after[:, k])
         ratio = torch.exp(replay.log_prob - out.log_probs[:, k])
         torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
 
@@ -142,7 +143,8 @@ def test_evaluate_scores_held_out_prompts_with_fixed_seeds(tmp_path):
                              eval_dataset=shapes_dataset("test").select(range(6)), peft_config=lora())
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first == second
-    assert 0.0 <= first["eval_rewards/shapes/mean"] <= 1.0 and first["eval_reward"] == first["eval_rewards/shapes/mean"]
+    assert 0.0 <= first["eval_rewards/shapes/mean"] <= 1.0
+    assert first["eval_reward"] == first["eval_rewards/shapes/mean"]
     assert list((tmp_path / "out" / "samples").glob("*.png"))
 
 

@@ -66,7 +66,9 @@ class SD3Adapter(FlowModelAdapter):
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         factor = self.pipe.vae_scale_factor * self.transformer.config.patch_size
         if height % factor or width % factor:
-            raise ValueError(f"Height and width must be multiples of {factor} for this pipeline; got {height}x{width}.")
+            raise ValueError(
+                f"Height and width must be multiples of {factor} for this pipeline; got {height}x{width}."
+            )
         f = self.pipe.vae_scale_factor
         return (self.transformer.config.in_channels, height // f, width // f)
 

@@ -38,7 +38,8 @@ class ScriptArguments:
     )
     lora_init: str = field(default="gaussian", metadata={"help": "LoRA initialisation (peft `init_lora_weights`)."})
     eval_num_per_family: int = field(
-        default=48, metadata={"help": "Shapes world only: held-out samples per GenEval family in the before/after table."}
+        default=48,
+        metadata={"help": "Shapes world only: held-out samples per GenEval family in the before/after table."},
     )
 
 

@@ -7,8 +7,8 @@ Stage 1 trains the `AutoencoderKL` for reconstruction (MSE + a small KL) and set
 and the three text encoders by rectified-flow matching with SD3's conventions: logit-normal timesteps passed
 through the scheduler's sigma shift, ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity target ``noise - x0``,
 ``timestep = 1000 sigma``, and 10% empty prompts so classifier-free guidance works. Only prompts of the ``train``
-split are seen, so held-out prompts measure generalisation. The transformer and text encoders are saved from an EMA of their weights; the learning rate
-follows a linear warm-up and a cosine decay.
+split are seen, so held-out prompts measure generalisation. The transformer and text encoders are saved from an EMA
+of their weights; the learning rate follows a linear warm-up and a cosine decay.
 Everything is seeded; on 2 CPU cores the default budget takes about 25 minutes.
 """
 
@@ -65,7 +65,9 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
             _log(f"vae step {step}/{steps} loss {loss.item():.5f}")
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(_to_model_range(images[i : i + 256])).latent_dist.mean for i in range(0, 2048, 256)])
+        latents = torch.cat(
+            [vae.encode(_to_model_range(images[i : i + 256])).latent_dist.mean for i in range(0, 2048, 256)]
+        )
     shift, scale = latents.mean().item(), 1.0 / latents.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     _log(f"vae latent shift_factor {shift:.4f} scaling_factor {scale:.4f}")
@@ -105,7 +107,8 @@ def train_transformer(pipe, prompts: list[str], latents: torch.Tensor, args: arg
     ema = [copy.deepcopy(m).requires_grad_(False) for m in modules]
     shift = pipe.scheduler.config.shift
     for step in range(args.transformer_steps):
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * _cosine(step, args.transformer_steps, args.final_lr_ratio)
+        warmup = min(1.0, (step + 1) / args.warmup_steps)
+        lr = args.lr * warmup * _cosine(step, args.transformer_steps, args.final_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(latents), (args.batch_size,), generator=gen)

@@ -222,7 +222,7 @@ def score_batch(images: torch.Tensor | np.ndarray, metas: list[Metadata | str]) 
 
 
 def aggregate(results: dict[str, list]) -> dict[str, float]:
-    """Means of :func:`score_batch` results: ``score``, ``strict``, ``quality``, and ``score/<tag>``, ``strict/<tag>``."""
+    """Means of :func:`score_batch` results: ``score``, ``strict``, ``quality``, ``score/<tag>``, ``strict/<tag>``."""
     summary = {key: float(np.mean(results[key])) for key in ("score", "strict", "quality")}
     for tag in TAGS:
         picked = [i for i, t in enumerate(results["tag"]) if t == tag]

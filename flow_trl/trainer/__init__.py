@@ -7,4 +7,12 @@ from .nft_config import FlowNFTConfig
 from .nft_trainer import FlowNFTTrainer, nft_loss
 
 
-__all__ = ["FlowNFTConfig", "FlowNFTTrainer", "FlowRLConfig", "FlowRLTrainer", "NormGuardMixin", "RepeatSampler", "nft_loss"]
+__all__ = [
+    "FlowNFTConfig",
+    "FlowNFTTrainer",
+    "FlowRLConfig",
+    "FlowRLTrainer",
+    "NormGuardMixin",
+    "RepeatSampler",
+    "nft_loss",
+]

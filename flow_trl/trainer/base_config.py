@@ -164,7 +164,9 @@ class FlowRLConfig(TrainingArguments):
         else:
             self.steps_per_generation = self.generation_batch_size // per_step
         if self.num_generations < 2:
-            raise ValueError(f"num_generations must be at least 2 (group-relative advantages); got {self.num_generations}.")
+            raise ValueError(
+                f"num_generations must be at least 2 (group-relative advantages); got {self.num_generations}."
+            )
         if self.generation_batch_size % self.num_generations:
             raise ValueError(
                 f"The generation batch ({self.generation_batch_size} images = per_device_train_batch_size "

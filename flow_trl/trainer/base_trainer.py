@@ -391,7 +391,7 @@ class FlowRLTrainer(Trainer):
         raise NotImplementedError
 
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One micro-batch: each loss chunk is back-propagated on its own, so activations of one chunk at a time live."""
+        """One micro-batch: each loss chunk is back-propagated on its own, so only one chunk's activations live."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         num_chunks = self._num_loss_chunks(inputs)
@@ -453,7 +453,7 @@ class FlowRLTrainer(Trainer):
                                                self.compute_dtype)
                     for k in idx
                 ])
-                out = rollout(lambda x, s: self.velocity(self.model, x, s, cond), noise,
+                out = rollout(lambda x, s: self.velocity(self.model, x, s, cond), noise,  # noqa: B023 (called here)
                               self.sigmas.to(noise.device))
                 imgs = self.adapter.decode(out.latents)
                 columns = {key: [r[key] for r in sub] for key in sub[0] if key != "prompt"}
