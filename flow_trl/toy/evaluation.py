@@ -12,7 +12,7 @@ from .world import TAGS, split_prompts
 
 
 DEFAULT_NUM_INFERENCE_STEPS = 10
-DEFAULT_GUIDANCE_SCALE = 4.5
+DEFAULT_GUIDANCE_SCALE = 1.0  # the shapes pipeline is best without CFG (docs/toy.md)
 
 
 def evaluation_rows(num_per_family: int = 48, seed: int = 0) -> list[dict[str, Any]]:
