@@ -70,4 +70,7 @@ class FlowTrlParser(HfArgumentParser):
         for action in self._actions:  # a default from YAML satisfies a required flag
             if action.dest in values:
                 action.required = False
-        return self.parse_args_into_dataclasses(args=argv)
+        *outputs, remaining = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)} (`--help` lists every flag)")
+        return tuple(outputs)

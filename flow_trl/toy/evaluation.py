@@ -109,5 +109,5 @@ def evaluate_pipeline(
     if grid_path is not None:
         per_row = min(grid_per_family, num_per_family)
         picks = [t * num_per_family + i for t in range(len(TAGS)) for i in range(per_row)]
-        save_image_grid(images[picks], grid_path, ncols=grid_per_family, labels=list(TAGS))
+        save_image_grid(images[picks], grid_path, ncols=per_row, labels=list(TAGS))
     return results
