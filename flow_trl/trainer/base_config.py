@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from ..sampling import STEP_TYPES
+
+
+logger = logging.get_logger(__name__)
 
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -187,3 +191,12 @@ class FlowRLConfig(TrainingArguments):
             raise ValueError(f"advantage_clip must be positive or None; got {self.advantage_clip}.")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}.")
+        micro_steps = self.steps_per_generation * self.num_iterations  # micro-batches served by one rollout
+        if self.save_strategy == "steps" and self.save_steps >= 1:
+            if (int(self.save_steps) * self.gradient_accumulation_steps) % micro_steps:
+                logger.warning(
+                    f"save_steps ({self.save_steps}) x gradient_accumulation_steps is not a multiple of "
+                    f"steps_per_generation x num_iterations ({micro_steps}): checkpoints fall inside a rollout, and a "
+                    "run resumed from one generates a fresh rollout instead of the rest of the old one, so it will "
+                    "not match an uninterrupted run exactly. Pick save_steps on a rollout boundary for exact resume."
+                )
