@@ -1,0 +1,33 @@
+"""Reward plumbing: abstentions, weighting, and clear errors for bad reward output."""
+
+import math
+
+import pytest
+import torch
+
+from flow_trl.rewards import compute_rewards, resolve_reward_funcs, weighted_reward
+
+
+def test_none_abstains_and_weighting_skips_it():
+    def half(prompts, images, **kwargs):
+        return [0.5, None]
+
+    def one(prompts, images, **kwargs):
+        return [1.0, 2.0]
+
+    rewards = compute_rewards([half, one], ["a", "b"], torch.zeros(2, 3, 4, 4))
+    assert rewards[0].tolist() == [0.5, 1.0] and math.isnan(rewards[1, 0]) and rewards[1, 1] == 2.0
+    assert weighted_reward(rewards, [2.0, 1.0]).tolist() == [2.0, 2.0]
+
+
+def test_infinite_reward_fails_clearly():
+    def bad(prompts, images, **kwargs):
+        return [float("inf")] * len(prompts)
+
+    with pytest.raises(ValueError, match="'bad' returned an infinite value"):
+        compute_rewards([bad], ["a", "b"], torch.zeros(2, 3, 4, 4))
+
+
+def test_unknown_reward_name_fails_clearly():
+    with pytest.raises(ValueError, match="Unknown reward 'pickscroe'"):
+        resolve_reward_funcs(["pickscroe"])
