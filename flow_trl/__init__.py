@@ -18,10 +18,24 @@ _LAZY = {
     "FlowNFTConfig": "flow_trl.trainer",
     "FlowNFTTrainer": "flow_trl.trainer",
     "NormGuardMixin": "flow_trl.trainer",
+    "FlowAWMConfig": "flow_trl.trainer",
+    "FlowAWMTrainer": "flow_trl.trainer",
+    "FlowDPOConfig": "flow_trl.trainer",
+    "FlowDPOTrainer": "flow_trl.trainer",
 }
 
 if TYPE_CHECKING:
-    from .trainer import FlowNFTConfig, FlowNFTTrainer, FlowRLConfig, FlowRLTrainer, NormGuardMixin
+    from .trainer import (
+        FlowAWMConfig,
+        FlowAWMTrainer,
+        FlowDPOConfig,
+        FlowDPOTrainer,
+        FlowNFTConfig,
+        FlowNFTTrainer,
+        FlowRLConfig,
+        FlowRLTrainer,
+        NormGuardMixin,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -30,4 +44,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'flow_trl' has no attribute {name!r}")
 
 
-__all__ = ["FlowNFTConfig", "FlowNFTTrainer", "FlowRLConfig", "FlowRLTrainer", "NormGuardMixin", "__version__"]
+__all__ = [*_LAZY, "__version__"]

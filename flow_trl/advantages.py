@@ -78,6 +78,29 @@ def clip_advantages(adv: Tensor, max_abs: float | None) -> Tensor:
     return adv.clamp(-max_abs, max_abs)
 
 
+def best_worst_pairs(rewards: Tensor, num_generations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Online Diffusion-DPO's pairs: in each group, the highest-reward sample (winner) and the lowest (loser).
+
+    NaN rewards are ignored; ties go to the earliest sample. A group whose best and worst rewards are equal (or
+    that has fewer than two finite rewards) gives an invalid pair: it carries no preference.
+
+    Args:
+        rewards (`Tensor`): `[N]` rewards in contiguous groups of `num_generations`.
+        num_generations (`int`): group size G.
+
+    Returns:
+        `tuple[Tensor, Tensor, Tensor]`: winner indices `[N / G]`, loser indices `[N / G]` (into the N samples) and
+        a bool `valid` mask `[N / G]`.
+    """
+    grouped = _grouped(rewards, num_generations)
+    finite = torch.isfinite(grouped)
+    best = torch.where(finite, grouped, torch.full_like(grouped, -torch.inf)).max(dim=1)
+    worst = torch.where(finite, grouped, torch.full_like(grouped, torch.inf)).min(dim=1)
+    offset = torch.arange(len(grouped)) * num_generations
+    valid = (finite.sum(dim=1) >= 2) & (best.values > worst.values)
+    return best.indices + offset, worst.indices + offset, valid
+
+
 def reward_stats(rewards: Tensor, num_generations: int) -> dict[str, float]:
     """Reward metrics of one rollout: `"reward"` (NaN-ignoring mean), `"reward_std"` (population std over all
     finite rewards) and `"frac_reward_zero_std"` (fraction of groups whose std is below 1e-8, i.e. groups that give

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flow_trl.advantages import advantage_stats, clip_advantages, group_advantages, reward_stats
+from flow_trl.advantages import advantage_stats, best_worst_pairs, clip_advantages, group_advantages, reward_stats
 
 
 NAN = float("nan")
@@ -85,3 +85,13 @@ def test_advantage_stats():
         "advantages/max": 1.0,
         "advantages/min": -2.0,
     })
+
+
+def test_best_worst_pairs():
+    rewards = torch.tensor([0.2, 0.9, 0.1, 0.5, 0.5, 0.5, float("nan"), 0.3, 0.7])
+    winners, losers, valid = best_worst_pairs(rewards, num_generations=3)
+    assert winners.tolist()[0] == 1 and losers.tolist()[0] == 2
+    assert valid.tolist() == [True, False, True]  # the tied group carries no preference
+    assert winners.tolist()[2] == 8 and losers.tolist()[2] == 7  # the NaN (abstained) reward is skipped
+    single = best_worst_pairs(torch.tensor([float("nan"), 1.0]), num_generations=2)[2]
+    assert single.tolist() == [False]

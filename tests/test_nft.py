@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from flow_trl.trainer.nft_trainer import advantage_to_r, nft_loss, old_policy_decay
+from flow_trl.trainer.nft_trainer import advantage_to_r, nft_loss
+from flow_trl.trainer.utils import soft_update_decay
 
 
 def _hand_nft(v, v_old, x_t, x0, sigma, r, b, scale):
@@ -68,12 +69,13 @@ def test_advantage_to_r():
     assert r.tolist() == pytest.approx([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 
-def test_old_policy_decay_schedules():
-    assert old_policy_decay(100, "none") == 0.0
-    assert old_policy_decay(100, "linear") == pytest.approx(0.1)
-    assert old_policy_decay(10_000, "linear") == 0.5
-    assert old_policy_decay(74, "delayed") == 0.0
-    assert old_policy_decay(175, "delayed") == pytest.approx(0.75)
-    assert old_policy_decay(10_000, "delayed") == 0.999
-    with pytest.raises(ValueError, match="Unknown old_policy_decay"):
-        old_policy_decay(1, "cosine")
+def test_soft_update_schedules():
+    assert soft_update_decay(100, "none") == 0.0
+    assert soft_update_decay(100, "linear") == pytest.approx(0.1)
+    assert soft_update_decay(10_000, "linear") == 0.5
+    assert soft_update_decay(10_000, "linear", max_decay=0.3) == 0.3  # AWM's EMA adapter
+    assert soft_update_decay(74, "delayed") == 0.0
+    assert soft_update_decay(175, "delayed") == pytest.approx(0.75)
+    assert soft_update_decay(10_000, "delayed") == 0.999
+    with pytest.raises(ValueError, match="Unknown soft-update schedule"):
+        soft_update_decay(1, "cosine")

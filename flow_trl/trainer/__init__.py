@@ -1,5 +1,7 @@
 """Trainers and their configs."""
 
+from .awm_config import FlowAWMConfig
+from .awm_trainer import FlowAWMTrainer, awm_loss
 from .base_config import FlowRLConfig
 from .base_trainer import FlowRLTrainer, RepeatSampler
 from .mixins import NormGuardMixin
@@ -8,11 +10,14 @@ from .nft_trainer import FlowNFTTrainer, nft_loss
 
 
 __all__ = [
+    "FlowAWMConfig",
+    "FlowAWMTrainer",
     "FlowNFTConfig",
     "FlowNFTTrainer",
     "FlowRLConfig",
     "FlowRLTrainer",
     "NormGuardMixin",
     "RepeatSampler",
+    "awm_loss",
     "nft_loss",
 ]

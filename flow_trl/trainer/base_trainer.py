@@ -33,6 +33,7 @@ from ..regularizers import velocity_kl, velocity_norm_ratio
 from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
 from ..sampling import rollout, sigma_grid
 from .base_config import FlowRLConfig
+from .utils import soft_update_decay
 
 
 POLICY_STATE_FILE = "flow_trl_policies.safetensors"
@@ -226,6 +227,14 @@ class FlowRLTrainer(Trainer):
                 for p_t, p_s in zip(self._policy_models[target].parameters(), src.parameters()):
                     p_t.lerp_(p_s, 1.0 - decay)
 
+    def _soft_update(self, target: str, schedule: str, max_decay: float, metric: str) -> None:
+        """Soft-update the lagged policy `target` toward the trained one (not before the first optimizer step)."""
+        if self.state.global_step == 0:
+            return
+        decay = soft_update_decay(self.state.global_step, schedule, max_decay)
+        self._copy_adapter("default", target, decay=decay)
+        self._metrics["train"][metric].append(decay)
+
     @contextmanager
     def policy(self, name: str, model: nn.Module | None = None):
         """Yield the module that computes policy `name`: "default" (trained), "ref" (base), or a named policy.
@@ -349,12 +358,19 @@ class FlowRLTrainer(Trainer):
             inputs["latents_after"] = torch.cat([c.latents_after for c in chunks])
             inputs["log_probs"] = torch.cat([c.log_probs for c in chunks])
             inputs["step_indices"] = torch.tensor(chunks[0].step_indices).expand(len(prompts), -1)
-        inputs.update(self._prepare_training_inputs(inputs, generator))
-        return inputs
+        return self._prepare_training_inputs(inputs, generator)
 
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """Per-sample tensors the algorithm draws once per rollout (e.g. timesteps and noise); none by default."""
-        return {}
+        """The rollout's training inputs: the algorithm adds what it draws once per rollout (e.g. timesteps and
+        noise) or regroups samples (e.g. into preference pairs). Tensors whose first dim is the batch size (that
+        of ``latents``) are shuffled and cut into micro-batches."""
+        return inputs
+
+    def _forward_process_noise(self, latents: torch.Tensor, sigmas: torch.Tensor,
+                               generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Training sigmas `[B, k]` and fresh forward-process noise `[B, k, ...]` for them (fp32)."""
+        noise = torch.randn((*sigmas.shape, *latents.shape[1:]), generator=generator, dtype=torch.float32)
+        return {"train_sigmas": sigmas.to(latents.device), "train_noise": noise.to(latents.device)}
 
     def _log_rollout_metrics(self, rewards: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor) -> None:
         metrics = self._metrics["train"]
@@ -376,7 +392,7 @@ class FlowRLTrainer(Trainer):
         if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             self._before_generation()
             inputs = self._generate_and_score(generation_batch)
-            order = torch.randperm(len(generation_batch), generator=self._rollout_generator(salt=1))
+            order = torch.randperm(len(inputs["latents"]), generator=self._rollout_generator(salt=1))
             self._buffered_inputs = _split(inputs, order, args.steps_per_generation)
         return self._buffered_inputs[self._step % args.steps_per_generation]
 
@@ -418,12 +434,16 @@ class FlowRLTrainer(Trainer):
         loss, kl_metrics = velocity_kl(v, v_ref, self.args.beta)
         return loss, {**metrics, **kl_metrics}
 
-    def reference_terms(self, latents, sigma, cond, v: torch.Tensor) -> torch.Tensor:
-        """Regularization of velocity `v` against the reference at the same inputs (0 when none is needed)."""
+    def reference_terms(self, latents, sigma, cond, v: torch.Tensor, v_ref: torch.Tensor | None = None):
+        """Regularization of velocity `v` against the reference at the same inputs (0 when none is needed).
+
+        Pass `v_ref` when the algorithm already computed the reference velocity there, to save the forward.
+        """
         if not self._needs_reference():
             return v.new_zeros(())
-        with torch.no_grad(), self.policy("ref") as ref:
-            v_ref = self.velocity(ref, latents, sigma, cond)
+        if v_ref is None:
+            with torch.no_grad(), self.policy("ref") as ref:
+                v_ref = self.velocity(ref, latents, sigma, cond)
         loss, metrics = self._velocity_regularization(v, v_ref)
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)

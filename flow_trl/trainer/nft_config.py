@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base_config import FlowRLConfig
-
-
-OLD_POLICY_DECAYS = ("none", "linear", "delayed")
+from .utils import SOFT_UPDATE_SCHEDULES
 
 
 @dataclass
@@ -53,7 +51,9 @@ class FlowNFTConfig(FlowRLConfig):
             raise ValueError(f"nft_beta must be positive; got {self.nft_beta}.")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
-        if self.old_policy_decay not in OLD_POLICY_DECAYS:
-            raise ValueError(f"old_policy_decay must be one of {OLD_POLICY_DECAYS}; got {self.old_policy_decay!r}.")
+        if self.old_policy_decay not in SOFT_UPDATE_SCHEDULES:
+            raise ValueError(
+                f"old_policy_decay must be one of {SOFT_UPDATE_SCHEDULES}; got {self.old_policy_decay!r}."
+            )
         if self.advantage_clip is None:
             raise ValueError("NFT maps advantages to [0, 1] through advantage_clip; set it (the reference uses 5.0).")

@@ -8,20 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..timesteps import noise_latents, sample_training_sigmas
 from .base_trainer import FlowRLTrainer
 from .mixins import NormGuardMixin
 from .nft_config import FlowNFTConfig
 
 
-def old_policy_decay(step: int, schedule: str) -> float:
-    """The decay `d` of NFT's old-policy update ``old <- d old + (1 - d) theta`` at optimizer step `step`."""
-    if schedule == "none":
-        return 0.0
-    if schedule == "linear":
-        return min(0.001 * step, 0.5)
-    if schedule == "delayed":
-        return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
-    raise ValueError(f"Unknown old_policy_decay {schedule!r}; expected 'none', 'linear' or 'delayed'.")
+OLD_POLICY_MAX_DECAY = 0.5  # cap of the "linear" schedule (the reference's decay_type 1)
 
 
 def advantage_to_r(advantages: torch.Tensor, advantage_clip: float) -> torch.Tensor:
@@ -113,19 +106,13 @@ class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
     _sampling_policy = "old"
 
     def _before_generation(self) -> None:
-        if self.state.global_step > 0:
-            decay = old_policy_decay(self.state.global_step, self.args.old_policy_decay)
-            self._copy_adapter("default", "old", decay=decay)
-            self._metrics["train"]["nft/old_policy_decay"].append(decay)
+        self._soft_update("old", self.args.old_policy_decay, OLD_POLICY_MAX_DECAY, "nft/old_policy_decay")
 
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """Per sample: `int(T * timestep_fraction)` distinct grid sigmas in random order, and their fresh noise."""
-        latents = inputs["latents"]
-        n, steps = len(latents), self.args.num_inference_steps
-        k = max(1, int(steps * self.args.timestep_fraction))
-        order = torch.stack([torch.randperm(steps, generator=generator)[:k] for _ in range(n)])
-        noise = torch.randn((n, k, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-        return {"train_sigmas": self.sigmas[order].to(latents.device), "train_noise": noise.to(latents.device)}
+        k = max(1, int(self.args.num_inference_steps * self.args.timestep_fraction))
+        sigmas = sample_training_sigmas("grid_subset", len(inputs["latents"]), k, self.sigmas, generator)
+        return {**inputs, **self._forward_process_noise(inputs["latents"], sigmas, generator)}
 
     def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
         return inputs["train_sigmas"].shape[1]
@@ -134,8 +121,7 @@ class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
         cond = inputs["cond"]
         x0 = inputs["latents"].float()
         sigma = inputs["train_sigmas"][:, chunk]
-        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-        x_t = (1 - s) * x0 + s * inputs["train_noise"][:, chunk]
+        x_t = noise_latents(x0, sigma, inputs["train_noise"][:, chunk])
         v_theta = self.velocity(model, x_t, sigma, cond)
         with torch.no_grad(), self.policy("old") as old:
             v_old = self.velocity(old, x_t, sigma, cond)
@@ -147,4 +133,4 @@ class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
         return loss
 
 
-__all__ = ["FlowNFTTrainer", "advantage_to_r", "nft_loss", "old_policy_decay"]
+__all__ = ["FlowNFTTrainer", "advantage_to_r", "nft_loss"]

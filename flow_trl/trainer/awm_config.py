@@ -1,0 +1,98 @@
+"""`FlowAWMConfig`: Advantage Weighted Matching's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..timesteps import TIMESTEP_SAMPLERS
+from .base_config import FlowRLConfig
+from .utils import SOFT_UPDATE_SCHEDULES
+
+
+AWM_WEIGHTINGS = ("ghuber", "uniform")
+
+
+@dataclass
+class FlowAWMConfig(FlowRLConfig):
+    r"""
+    Configuration of [`FlowAWMTrainer`] (Advantage Weighted Matching, https://huggingface.co/papers/2509.25050).
+
+    Inherits every field of [`FlowRLConfig`]. AWM-specific fields:
+
+    weighting (`str`, defaults to `"ghuber"`):
+        The flow-matching "log-likelihood" of a sample at sigma `t`: `"ghuber"`,
+        `-t ((mse + 1e-10)^p - 1e-10^p) / p` with `p = ghuber_power` (down-weights high-error samples), or
+        `"uniform"`, `-mse`.
+    ghuber_power (`float`, defaults to `0.25`):
+        The generalised-Huber exponent `p` (in (0, 1]).
+    clip_range (`float`, defaults to `1.0`):
+        PPO clip of the likelihood ratio, `[1 - clip_range, 1 + clip_range]`. AWM is on-policy (the ratio is 1 by
+        construction, its gradient is not), so the clip only binds if you change that.
+    advantage_max (`float`, defaults to `1.0`):
+        Advantages are clipped to `advantage_clip` (5) and rescaled to `[-advantage_max, advantage_max]`.
+    timestep_sampler (`str`, defaults to `"discrete_wo_init"`):
+        Training sigmas per micro-batch (shared by its samples): `"discrete_wo_init"` (GenEval/OCR), `"discrete"`
+        (PickScore), `"logit_normal"` or `"uniform"`; see `flow_trl.timesteps`.
+    num_train_timesteps (`int`, defaults to `6`):
+        Training sigmas per sample (one backward pass each).
+    ema_beta (`float`, defaults to `1.0`):
+        Coefficient of the velocity KL to the EMA adapter, `mean (v_theta - v_ema)^2` (a trust region around a
+        lagged copy of the policy). `0` drops the term and its forward.
+    ema_decay_schedule (`str`, defaults to `"linear"`):
+        Soft update of the EMA adapter before each rollout, `ema <- d ema + (1 - d) theta`: `"linear"`
+        (`d = min(0.001 step, ema_max_decay)`), `"delayed"` or `"none"` (`d = 0`).
+    ema_max_decay (`float`, defaults to `0.3`):
+        Cap of the `"linear"` schedule.
+
+    > [!NOTE]
+    > Defaults that differ from [`FlowRLConfig`], following the reference's GenEval config: `guidance_scale=1.0`
+    > (CFG-free rollouts and training), `beta=1e-3` (velocity KL to the base model; 1e-4 for PickScore),
+    > `scale_rewards="batch"` (global std). The reference samples with a stochastic SA-Solver (noise 0.4 for
+    > GenEval); here any `sde_type` works and the default is the Euler ODE. The reference trains one optimizer
+    > step per rollout (`steps_per_generation=1`), strictly on-policy. NormGuard's paper uses `norm_guard_coef=0.01`
+    > with AWM.
+    """
+
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale (1.0: AWM is CFG-free)."})
+    beta: float = field(default=1e-3, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
+    scale_rewards: str = field(
+        default="batch", metadata={"help": "Advantage std: 'batch' (global std, AWM's default), 'group' or 'none'."}
+    )
+    weighting: str = field(default="ghuber", metadata={"help": "Likelihood weighting: 'ghuber' or 'uniform'."})
+    ghuber_power: float = field(default=0.25, metadata={"help": "Generalised-Huber exponent p in (0, 1]."})
+    clip_range: float = field(default=1.0, metadata={"help": "PPO clip range of the (on-policy) ratio."})
+    advantage_max: float = field(
+        default=1.0, metadata={"help": "Advantages are rescaled from [-advantage_clip, advantage_clip] to +-this."}
+    )
+    timestep_sampler: str = field(
+        default="discrete_wo_init",
+        metadata={"help": "Training sigmas: 'discrete_wo_init', 'discrete', 'logit_normal' or 'uniform'."},
+    )
+    num_train_timesteps: int = field(default=6, metadata={"help": "Training sigmas per sample."})
+    ema_beta: float = field(default=1.0, metadata={"help": "Velocity KL coefficient to the EMA adapter (0: off)."})
+    ema_decay_schedule: str = field(
+        default="linear", metadata={"help": "EMA adapter soft-update schedule: 'linear', 'delayed' or 'none'."}
+    )
+    ema_max_decay: float = field(default=0.3, metadata={"help": "Cap of the 'linear' EMA schedule."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weighting not in AWM_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {AWM_WEIGHTINGS}; got {self.weighting!r}.")
+        if not 0 < self.ghuber_power <= 1:
+            raise ValueError(f"ghuber_power must be in (0, 1]; got {self.ghuber_power}.")
+        if self.timestep_sampler not in TIMESTEP_SAMPLERS or self.timestep_sampler == "grid_subset":
+            raise ValueError(
+                f"timestep_sampler must be one of {TIMESTEP_SAMPLERS[1:]}; got {self.timestep_sampler!r}."
+            )
+        if self.ema_decay_schedule not in SOFT_UPDATE_SCHEDULES:
+            raise ValueError(
+                f"ema_decay_schedule must be one of {SOFT_UPDATE_SCHEDULES}; got {self.ema_decay_schedule!r}."
+            )
+        for name in ("clip_range", "advantage_max", "num_train_timesteps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        if self.ema_beta < 0:
+            raise ValueError(f"ema_beta must be >= 0; got {self.ema_beta}.")
+        if self.advantage_clip is None:
+            raise ValueError("AWM rescales advantages by advantage_clip; set it (the reference uses 5.0).")
