@@ -44,4 +44,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'flow_trl' has no attribute {name!r}")
 
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "FlowAWMConfig",
+    "FlowAWMTrainer",
+    "FlowDPOConfig",
+    "FlowDPOTrainer",
+    "FlowNFTConfig",
+    "FlowNFTTrainer",
+    "FlowRLConfig",
+    "FlowRLTrainer",
+    "NormGuardMixin",
+    "__version__",
+]
