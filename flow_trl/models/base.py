@@ -76,6 +76,10 @@ class FlowModelAdapter:
         """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents, without gradient."""
         raise NotImplementedError
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images ``[B, 3, H, W]`` in [0, 1] (the inverse of `decode`), without gradient."""
+        raise NotImplementedError
+
     @property
     def default_resolution(self) -> int:
         raise NotImplementedError

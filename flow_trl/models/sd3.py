@@ -73,6 +73,14 @@ class SD3Adapter(FlowModelAdapter):
         return (self.transformer.config.in_channels, height // f, width // f)
 
     @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's mode (deterministic), shifted and scaled as the pipeline's latents."""
+        vae = self.pipe.vae
+        x = images.to(vae.device, vae.dtype) * 2 - 1
+        z = vae.encode(x, return_dict=False)[0].mode()
+        return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

@@ -20,6 +20,7 @@ from .world import (
     render,
     render_batch,
     shapes_dataset,
+    shapes_preference_dataset,
     split_prompts,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "score_batch",
     "score_image",
     "shapes_dataset",
+    "shapes_preference_dataset",
     "sigma_schedule",
     "split_prompts",
 ]

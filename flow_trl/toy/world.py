@@ -122,6 +122,31 @@ def shapes_dataset(split: str = "train"):
     return Dataset.from_list(split_prompts(split))
 
 
+def shapes_preference_dataset(split: str = "train", num_pairs: int | None = None, seed: int = 0):
+    """A preference dataset in TRL's format: ``prompt``, ``chosen`` and ``rejected`` images (PIL), and ``tag``.
+
+    ``chosen`` is a ground-truth rendering of the prompt; ``rejected`` renders another prompt of the same family
+    (a wrong shape, colour, count or relation) with the same seed, hence the same kind of layout. Row ``i`` uses
+    prompt ``i % len(split)`` and seed ``seed + i``; `num_pairs` defaults to one pair per prompt.
+    """
+    from datasets import Dataset
+    from PIL import Image
+
+    rows = split_prompts(split)
+    by_tag = {tag: [r for r in rows if r["tag"] == tag] for tag in TAGS}
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(len(rows) if num_pairs is None else num_pairs):
+        row = rows[i % len(rows)]
+        others = [r for r in by_tag[row["tag"]] if metadata_to_body(r) != metadata_to_body(row)]
+        other = others[rng.integers(len(others))]
+        images = [render(meta, seed + i) for meta in (row, other)]
+        chosen, rejected = (Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                            for im in images)
+        out.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "tag": row["tag"]})
+    return Dataset.from_list(out)
+
+
 _PROMPT_RE = re.compile(r"^(?:(?:" + "|".join(TEMPLATES) + r") )?(?P<body>.+)$")
 
 

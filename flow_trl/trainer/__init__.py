@@ -4,6 +4,8 @@ from .awm_config import FlowAWMConfig
 from .awm_trainer import FlowAWMTrainer, awm_loss
 from .base_config import FlowRLConfig
 from .base_trainer import FlowRLTrainer, RepeatSampler
+from .dpo_config import FlowDPOConfig
+from .dpo_trainer import FlowDPOTrainer, diffusion_dpo_loss
 from .mixins import NormGuardMixin
 from .nft_config import FlowNFTConfig
 from .nft_trainer import FlowNFTTrainer, nft_loss
@@ -12,6 +14,8 @@ from .nft_trainer import FlowNFTTrainer, nft_loss
 __all__ = [
     "FlowAWMConfig",
     "FlowAWMTrainer",
+    "FlowDPOConfig",
+    "FlowDPOTrainer",
     "FlowNFTConfig",
     "FlowNFTTrainer",
     "FlowRLConfig",
@@ -19,5 +23,6 @@ __all__ = [
     "NormGuardMixin",
     "RepeatSampler",
     "awm_loss",
+    "diffusion_dpo_loss",
     "nft_loss",
 ]

@@ -167,17 +167,7 @@ class FlowRLConfig(TrainingArguments):
             )
         else:
             self.steps_per_generation = self.generation_batch_size // per_step
-        if self.num_generations < 2:
-            raise ValueError(
-                f"num_generations must be at least 2 (group-relative advantages); got {self.num_generations}."
-            )
-        if self.generation_batch_size % self.num_generations:
-            raise ValueError(
-                f"The generation batch ({self.generation_batch_size} images = per_device_train_batch_size "
-                f"{self.per_device_train_batch_size} x {num_processes} processes x steps_per_generation "
-                f"{self.steps_per_generation}) must be divisible by num_generations ({self.num_generations}). "
-                "Change per_device_train_batch_size, steps_per_generation or num_generations."
-            )
+        self._check_generation_groups()
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}; got {self.scale_rewards!r}.")
         if self.sde_type not in STEP_TYPES:
@@ -200,3 +190,18 @@ class FlowRLConfig(TrainingArguments):
                     "run resumed from one generates a fresh rollout instead of the rest of the old one, so it will "
                     "not match an uninterrupted run exactly. Pick save_steps on a rollout boundary for exact resume."
                 )
+
+    def _check_generation_groups(self) -> None:
+        """Group geometry: `num_generations >= 2` and the generation batch made of whole groups."""
+        num_processes = self.world_size
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be at least 2 (group-relative advantages); got {self.num_generations}."
+            )
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"The generation batch ({self.generation_batch_size} images = per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x {num_processes} processes x steps_per_generation "
+                f"{self.steps_per_generation}) must be divisible by num_generations ({self.num_generations}). "
+                "Change per_device_train_batch_size, steps_per_generation or num_generations."
+            )

@@ -122,8 +122,7 @@ class FlowRLTrainer(Trainer):
         peft_config=None,
     ):
         if args is None:
-            name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "pipeline"
-            args = self.config_class(output_dir=f"{name}-{self._name}")
+            args = self._default_args(model)
         elif not isinstance(args, self.config_class):
             raise TypeError(
                 f"`args` must be a {self.config_class.__name__}, got {type(args).__name__}. flow_trl's signature is "
@@ -142,7 +141,8 @@ class FlowRLTrainer(Trainer):
 
         self.pipe = load_pipeline(model, args.model_init_kwargs)
         self.adapter = get_adapter(self.pipe, args.max_sequence_length)
-        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        needs_rewards = reward_funcs is not None or self._requires_reward_funcs(train_dataset)
+        self.reward_funcs = resolve_reward_funcs(reward_funcs) if needs_rewards else []
         self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(
@@ -199,6 +199,16 @@ class FlowRLTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffered_inputs: list[dict[str, Any]] | None = None
         self._step = 0
+
+    @classmethod
+    def _default_args(cls, model) -> FlowRLConfig:
+        """The config used when `args` is not given: the algorithm's defaults, output to `<model name>-<algo>`."""
+        name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "pipeline"
+        return cls.config_class(output_dir=f"{name}-{cls._name}")
+
+    def _requires_reward_funcs(self, train_dataset) -> bool:
+        """Whether training needs reward functions (offline preference training does not)."""
+        return True
 
     # ---- policies ----------------------------------------------------------------------------------------------
 
@@ -351,6 +361,7 @@ class FlowRLTrainer(Trainer):
         inputs = {
             "cond": cond,
             "latents": latents,
+            "rewards": total[start : start + len(prompts)].to(latents.device),
             "advantages": advantages[start : start + len(prompts)].to(latents.device),
         }
         if chunks[0].log_probs is not None:
@@ -457,6 +468,8 @@ class FlowRLTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (held-out prompts).")
+        if not self.reward_funcs:
+            raise ValueError("evaluate() scores samples with the reward functions; pass `reward_funcs` to the trainer.")
         self.model.eval()
         rows = list(dataset)
         with self.accelerator.split_between_processes(list(range(len(rows)))) as mine:

@@ -1,0 +1,95 @@
+"""`FlowDPOConfig`: Diffusion-DPO's configuration (online and offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..timesteps import TIMESTEP_SAMPLERS
+from .base_config import FlowRLConfig
+
+
+ROLLOUT_POLICIES = ("policy", "reference")
+DEFAULT_NUM_GENERATIONS = 8
+
+
+@dataclass
+class FlowDPOConfig(FlowRLConfig):
+    r"""
+    Configuration of [`FlowDPOTrainer`] (Diffusion-DPO, https://huggingface.co/papers/2311.12908, on the flow-matching
+    velocity as in flow_grpo's SD3 DPO).
+
+    Inherits every field of [`FlowRLConfig`]. The trainer is offline when the training dataset has `chosen` and
+    `rejected` image columns (TRL's preference format), online otherwise (pairs from its own rollouts).
+
+    dpo_beta (`float`, defaults to `100.0`):
+        Temperature of the DPO loss `-log sigmoid(-0.5 dpo_beta [(mse_w - mse_ref_w) - (mse_l - mse_ref_l)])` on
+        velocity MSEs (the reference's value for LoRA on velocity; the original epsilon-space Diffusion-DPO used
+        5000). Distinct from `beta`, the coefficient of the velocity KL to the base model.
+    num_train_timesteps (`int`, defaults to `4`):
+        Sigmas per pair per micro-batch, one backward pass each; winner and loser share each sigma and its noise.
+    timestep_sampler (`str`, defaults to `"logit_normal"`):
+        How the training sigmas are drawn (independently per pair): `"logit_normal"` (the reference: logit-normal
+        through the scheduler's shift), `"uniform"`, `"discrete"` or `"discrete_wo_init"` (see `flow_trl.timesteps`).
+    num_generations (`int`, *optional*):
+        Online only: images per prompt; each group gives one pair, its best against its worst by reward (groups with
+        equal rewards give none). Defaults to 8 online; ignored offline.
+    rollout_policy (`str`, defaults to `"policy"`):
+        Online only: who samples the rollouts: the trained `"policy"` (online DPO) or the DPO `"reference"`.
+    ref_update_steps (`int`, *optional*):
+        Copy the trained policy into the DPO reference every this many optimizer steps (the reference's
+        `ref_update_step`; about 40 for online DPO). Unset: the reference is the base model throughout.
+
+    > [!NOTE]
+    > Defaults that differ from [`FlowRLConfig`]: `guidance_scale=1.0` (training without CFG, as the reference),
+    > `learning_rate=1e-4`. Each micro-batch of `per_device_train_batch_size` images holds
+    > `per_device_train_batch_size / num_generations` online pairs (`per_device_train_batch_size` pairs offline).
+    > NormGuard's paper uses `norm_guard_coef=1.0` with DPO.
+    """
+
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of rollouts and training (1.0: none)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    num_generations: int | None = field(
+        default=None, metadata={"help": "Online: images per prompt, one best-vs-worst pair per group (8 if unset)."}
+    )
+    dpo_beta: float = field(default=100.0, metadata={"help": "DPO temperature on velocity MSEs."})
+    num_train_timesteps: int = field(default=4, metadata={"help": "Shared sigmas per pair per micro-batch."})
+    timestep_sampler: str = field(
+        default="logit_normal",
+        metadata={"help": "Training sigmas: 'logit_normal', 'uniform', 'discrete' or 'discrete_wo_init'."},
+    )
+    rollout_policy: str = field(
+        default="policy", metadata={"help": "Online: who samples rollouts, 'policy' or 'reference'."}
+    )
+    ref_update_steps: int | None = field(
+        default=None, metadata={"help": "Copy the policy into the DPO reference every N steps (unset: base model)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dpo_beta <= 0:
+            raise ValueError(f"dpo_beta must be positive; got {self.dpo_beta}.")
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be at least 1; got {self.num_train_timesteps}.")
+        if self.timestep_sampler not in TIMESTEP_SAMPLERS or self.timestep_sampler == "grid_subset":
+            raise ValueError(
+                f"timestep_sampler must be one of {TIMESTEP_SAMPLERS[1:]}; got {self.timestep_sampler!r}."
+            )
+        if self.rollout_policy not in ROLLOUT_POLICIES:
+            raise ValueError(f"rollout_policy must be one of {ROLLOUT_POLICIES}; got {self.rollout_policy!r}.")
+        if self.ref_update_steps is not None and self.ref_update_steps < 1:
+            raise ValueError(f"ref_update_steps must be a positive number of steps or None; got {self.ref_update_steps}.")
+
+    def _check_generation_groups(self) -> None:
+        if self.num_generations is not None:  # online; offline runs leave it unset
+            super()._check_generation_groups()
+            if self.per_device_train_batch_size % self.num_generations:
+                raise ValueError(
+                    f"Online DPO trains whole pairs per micro-batch: per_device_train_batch_size "
+                    f"({self.per_device_train_batch_size}) must be divisible by num_generations ({self.num_generations})."
+                )
+
+    def use_online_defaults(self) -> None:
+        """Set `num_generations` to its online default when unset, and check the group geometry."""
+        if self.num_generations is None:
+            self.num_generations = DEFAULT_NUM_GENERATIONS
+        self._check_generation_groups()

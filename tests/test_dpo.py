@@ -1,0 +1,147 @@
+"""Diffusion-DPO's loss against the hand formula, and FlowDPOTrainer online and offline on the shapes world."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from flow_trl import FlowDPOConfig, FlowDPOTrainer
+from flow_trl.preference import encode_preference_dataset
+from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset, shapes_preference_dataset
+from flow_trl.trainer.dpo_trainer import diffusion_dpo_loss
+
+
+MODEL = str(SHAPES_PIPELINE_DIR)
+
+
+def lora():
+    return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian")
+
+
+def dpo_config(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, num_generations=2, num_inference_steps=4,
+                  num_train_timesteps=2, max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                  report_to="none", seed=0)
+    kwargs.update(overrides)
+    return FlowDPOConfig(**kwargs)
+
+
+def test_dpo_loss_matches_the_hand_formula():
+    mse_w = torch.tensor([0.30, 0.50, 0.20], requires_grad=True)
+    mse_l = torch.tensor([0.40, 0.45, 0.20], requires_grad=True)
+    ref_w, ref_l = torch.tensor([0.35, 0.50, 0.25]), torch.tensor([0.35, 0.50, 0.10])
+    beta = 100.0
+    loss, metrics = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta)
+    inside = [-0.5 * beta * ((w - rw) - (l - rl)) for w, l, rw, rl in
+              zip([0.30, 0.50, 0.20], [0.40, 0.45, 0.20], [0.35, 0.50, 0.25], [0.35, 0.50, 0.10])]
+    expected = sum(math.log1p(math.exp(-x)) for x in inside) / 3  # -log sigmoid(x)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert metrics["rewards/margins"] == pytest.approx(sum(inside) / 3, rel=1e-5)
+    assert metrics["rewards/accuracies"] == pytest.approx(sum(x > 0 for x in inside) / 3)
+    assert metrics["rewards/chosen"] == pytest.approx(-0.5 * beta * (-0.05 + 0.0 - 0.05) / 3, rel=1e-4)
+    loss.backward()
+    assert (mse_w.grad > 0).all() and (mse_l.grad < 0).all()  # lower the winner's error, raise the loser's
+
+
+def test_dpo_loss_ignores_invalid_pairs():
+    args = [torch.tensor([0.1, 5.0]), torch.tensor([0.2, -5.0]), torch.zeros(2), torch.zeros(2)]
+    masked, _ = diffusion_dpo_loss(*args, beta=10.0, valid=torch.tensor([True, False]))
+    alone, _ = diffusion_dpo_loss(*[a[:1] for a in args], beta=10.0)
+    torch.testing.assert_close(masked, alone)
+
+
+def test_identical_winner_and_loser_give_log2_and_zero_gradient(tmp_path):
+    """Through the trainer's own loss: only a shared sigma and shared noise make the two MSEs equal."""
+    trainer = FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), reward_funcs="shapes",
+                             train_dataset=shapes_dataset("train").select(range(8)), peft_config=lora())
+    trainer.transformer.double()  # fp64: batch rows of equal inputs give equal outputs to the last fp32 bit
+    with torch.no_grad():  # move the policy away from the reference so that the MSEs differ from it
+        for name, param in trainer.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pairs = torch.stack([latents, latents], dim=1)
+    cond = trainer.encode_prompts(["a photo of a circle", "a photo of two squares", "an image of a red square"])
+    inputs = trainer._pair_inputs(cond, pairs, torch.ones(3, dtype=torch.bool), torch.Generator().manual_seed(1))
+    assert inputs["train_sigmas"].shape == (3, 2) and inputs["train_noise"].shape == (3, 2, 4, 8, 8)
+    loss = trainer._compute_loss(trainer.model, inputs, chunk=0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss.backward()
+    grads = [p.grad for n, p in trainer.transformer.named_parameters() if p.requires_grad]
+    assert grads and all(g is None or g.abs().max() < 1e-9 for g in grads)
+
+
+def _held_out_accuracy(trainer, pairs):
+    """Implicit accuracy (chosen's implicit reward above rejected's) on encoded pairs, at fresh sigmas and noise."""
+    inputs = trainer._generate_and_score(list(pairs))
+    accuracies = []
+    with torch.no_grad():
+        for chunk in range(trainer._num_loss_chunks(inputs)):
+            trainer._compute_loss(trainer.model, inputs, chunk)
+            accuracies.append(trainer._metrics["train"]["rewards/accuracies"][-1])
+    return sum(accuracies) / len(accuracies)
+
+
+def test_offline_dpo_raises_held_out_implicit_accuracy(tmp_path):
+    args = dpo_config(tmp_path, max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, num_train_timesteps=4)
+    trainer = FlowDPOTrainer(MODEL, args=args, train_dataset=shapes_preference_dataset("train", num_pairs=64),
+                             peft_config=LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian"))
+    assert trainer.offline and trainer.reward_funcs == []
+    assert {"prompt", "chosen_latents", "rejected_latents"} <= set(trainer.train_dataset.column_names)
+    held_out = encode_preference_dataset(shapes_preference_dataset("test", num_pairs=32, seed=100),
+                                         trainer.adapter.encode_images, trainer.resolution)
+    assert _held_out_accuracy(trainer, held_out) == 0.0  # policy == reference: every margin is exactly 0
+    trainer.train()
+    assert _held_out_accuracy(trainer, held_out) > 0.6
+    logs = {k for entry in trainer.state.log_history for k in entry}
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= logs
+
+
+def test_online_dpo_pairs_best_and_worst_and_refreshes_its_reference(tmp_path):
+    args = dpo_config(tmp_path, num_generations=2, ref_update_steps=1, rollout_policy="reference")
+    trainer = FlowDPOTrainer(MODEL, args=args, reward_funcs="shapes",
+                             train_dataset=shapes_dataset("train").select(range(16)), peft_config=lora())
+    assert not trainer.offline and trainer._sampling_policy == "dpo_ref"
+    params = dict(trainer.transformer.named_parameters())
+    ref_before = {n: p.detach().clone() for n, p in params.items() if ".dpo_ref." in n}
+    trainer.train()
+    # the reference followed the policy at step 1 (before the second rollout), not by gradient
+    moved = [n for n in ref_before if not torch.equal(ref_before[n], params[n])]
+    assert moved and all(params[n].grad is None for n in moved)
+    logs = {k for entry in trainer.state.log_history for k in entry}
+    assert {"rewards/accuracies", "dpo/valid_pair_frac", "rewards/shapes/mean", "velocity_norm_ratio"} <= logs
+
+
+def test_online_pairs_come_from_groups(tmp_path):
+    trainer = FlowDPOTrainer(MODEL, args=dpo_config(tmp_path, num_generations=4), reward_funcs="shapes",
+                             train_dataset=shapes_dataset("train").select(range(8)), peft_config=lora())
+    latents = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 4, 8, 8)
+    cond = trainer.encode_prompts(["a photo of a circle"] * 4 + ["a photo of a square"] * 4)
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.0, 0.3, 0.3, 0.3, 0.3])
+    inputs = trainer._prepare_training_inputs({"latents": latents, "cond": cond, "rewards": rewards},
+                                              torch.Generator().manual_seed(0))
+    assert inputs["latents"].shape == (2, 2, 4, 8, 8)
+    assert inputs["latents"][0, 0, 0, 0, 0] == 1 and inputs["latents"][0, 1, 0, 0, 0] == 3  # best 0.9, worst 0.0
+    assert inputs["valid"].tolist() == [True, False]  # all-equal group: no preference
+
+
+def test_online_dpo_needs_groups_of_two(tmp_path):
+    with pytest.raises(ValueError, match="num_generations must be at least 2"):
+        FlowDPOTrainer(MODEL, args=dpo_config(tmp_path, num_generations=1), reward_funcs="shapes",
+                       train_dataset=shapes_dataset("train").select(range(8)))
+    with pytest.raises(ValueError, match="per_device_train_batch_size \\(4\\) must be divisible by num_generations"):
+        dpo_config(tmp_path, num_generations=8, gradient_accumulation_steps=2)
+
+
+def test_offline_dataset_errors(tmp_path):
+    good = shapes_preference_dataset("train", num_pairs=2)
+    with pytest.raises(ValueError, match="lacks \\['rejected'\\]"):
+        FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=good.remove_columns("rejected"))
+    broken = Dataset.from_dict({"prompt": ["a photo of a circle"], "chosen": ["/no/such/image.png"],
+                                "rejected": ["/no/such/other.png"]})
+    with pytest.raises(ValueError, match="Row 0 of the preference dataset: cannot read its 'chosen' image"):
+        FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=broken)
+    with pytest.raises(ValueError, match="reward_funcs"):
+        FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=shapes_dataset("train").select(range(8)))
