@@ -1,6 +1,8 @@
 """The ``flow-trl`` command line.
 
     flow-trl nft                            # Diffusion-NFT on the shapes world (flags or --config cfg.yaml)
+    flow-trl awm                            # Advantage Weighted Matching, likewise
+    flow-trl dpo                            # Diffusion-DPO (online; offline with a preference dataset)
     flow-trl evaluate                       # score the shipped shapes pipeline on held-out prompts
     flow-trl evaluate --lora my-run/        # ... with a diffusers-format LoRA loaded on top
 """
@@ -13,7 +15,8 @@ import sys
 from pathlib import Path
 
 
-TRAINING_COMMANDS = {"nft": "flow_trl.scripts.nft"}  # command -> module with a `cli(argv)` function
+# command -> module with a `cli(argv)` function
+TRAINING_COMMANDS = {name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo")}
 
 
 def _print_table(metrics: dict[str, float]) -> None:

@@ -21,9 +21,9 @@ def lora():
 
 
 def dpo_config(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, num_generations=2, num_inference_steps=4,
-                  num_train_timesteps=2, max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                  report_to="none", seed=0)
+    kwargs = dict(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, num_generations=2,
+                  num_inference_steps=4, num_train_timesteps=2, max_steps=2, learning_rate=1e-2, logging_steps=1,
+                  save_strategy="no", report_to="none", seed=0)
     kwargs.update(overrides)
     return FlowDPOConfig(**kwargs)
 
@@ -34,7 +34,7 @@ def test_dpo_loss_matches_the_hand_formula():
     ref_w, ref_l = torch.tensor([0.35, 0.50, 0.25]), torch.tensor([0.35, 0.50, 0.10])
     beta = 100.0
     loss, metrics = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta)
-    inside = [-0.5 * beta * ((w - rw) - (l - rl)) for w, l, rw, rl in
+    inside = [-0.5 * beta * ((w - rw) - (lo - rl)) for w, lo, rw, rl in
               zip([0.30, 0.50, 0.20], [0.40, 0.45, 0.20], [0.35, 0.50, 0.25], [0.35, 0.50, 0.10])]
     expected = sum(math.log1p(math.exp(-x)) for x in inside) / 3  # -log sigmoid(x)
     assert loss.item() == pytest.approx(expected, rel=1e-5)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -74,3 +76,109 @@ class FlowTrlParser(HfArgumentParser):
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)} (`--help` lists every flag)")
         return tuple(outputs)
+
+
+# Shapes-world settings every trainer's recipe shares (used when no --model is given; flags and --config override).
+SHAPES_COMMON_DEFAULTS: dict[str, Any] = {
+    "num_inference_steps": 10,
+    "guidance_scale": 1.0,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "num_images_to_log": 0,
+}
+
+
+def build_peft_config(script_args: ScriptArguments):
+    """The `LoraConfig` the flags describe (target modules default to the model family's), or None."""
+    if not script_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    init = True if script_args.lora_init == "default" else script_args.lora_init
+    return LoraConfig(
+        r=script_args.lora_r,
+        lora_alpha=script_args.lora_alpha,
+        init_lora_weights=init,
+        target_modules=script_args.lora_target_modules,
+    )
+
+
+def load_prompt_datasets(script_args: ScriptArguments):
+    """(train, eval) datasets: the shapes world's prompt splits, or `datasets.load_dataset(dataset_name)`."""
+    if script_args.dataset_name is None:
+        from ..toy import shapes_dataset
+
+        eval_ds = shapes_dataset(script_args.dataset_test_split) if script_args.dataset_test_split else None
+        return shapes_dataset(script_args.dataset_train_split), eval_ds
+    from datasets import load_dataset
+
+    data = load_dataset(script_args.dataset_name)
+    test = script_args.dataset_test_split
+    return data[script_args.dataset_train_split], (data[test] if test and test in data else None)
+
+
+def shapes_report(trainer, script_args: ScriptArguments, tag: str) -> dict[str, float]:
+    """Held-out shapes metrics of the trainer's current policy, with its sampling settings; saves a grid."""
+    from ..toy import evaluate_pipeline
+
+    out = Path(trainer.args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return evaluate_pipeline(
+        trainer.pipe,
+        num_per_family=script_args.eval_num_per_family,
+        seed=trainer.args.eval_seed,
+        num_inference_steps=trainer.args.num_inference_steps,
+        guidance_scale=trainer.args.guidance_scale,
+        grid_path=out / f"samples_{tag}.png",
+    )
+
+
+def print_before_after(before: dict[str, float], after: dict[str, float]) -> None:
+    from ..toy.world import TAGS
+
+    print(f"\nheld-out shapes score (GenEval partial credit)\n{'family':<15}{'before':>8}{'after':>8}")
+    for tag in TAGS:
+        print(f"{tag:<15}{before[f'score/{tag}']:>8.3f}{after[f'score/{tag}']:>8.3f}")
+    for key in ("score", "strict", "quality"):
+        print(f"{key:<15}{before[key]:>8.3f}{after[key]:>8.3f}")
+
+
+def run_training(trainer_class, script_args: ScriptArguments, training_args) -> dict[str, Any]:
+    """Train `trainer_class` as the flags say; on the shapes world, report the held-out score before and after.
+
+    Returns ``{"before", "after"}`` shapes metrics (shapes world only) and the trainer's ``log_history``.
+    """
+    from ..toy import SHAPES_PIPELINE_DIR
+
+    shapes = script_args.model is None
+    train_ds, eval_ds = load_prompt_datasets(script_args)
+    trainer = trainer_class(
+        model=script_args.model or str(SHAPES_PIPELINE_DIR),
+        args=training_args,
+        reward_funcs=script_args.reward_funcs,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        peft_config=build_peft_config(script_args),
+    )
+    report: dict[str, Any] = {}
+    if shapes and trainer.is_world_process_zero():
+        report["before"] = shapes_report(trainer, script_args, "before")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if shapes and trainer.is_world_process_zero():
+        report["after"] = shapes_report(trainer, script_args, "after")
+        print_before_after(report["before"], report["after"])
+        Path(training_args.output_dir, "shapes_eval.json").write_text(json.dumps(report, indent=2))
+        print(f"adapter, sample grids and shapes_eval.json are in {training_args.output_dir}/")
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    report["log_history"] = trainer.state.log_history
+    return report
+
+
+def parse_with_shapes_defaults(parser: FlowTrlParser, argv: list[str] | None, shapes_defaults: dict[str, Any]):
+    """Parse flags/YAML; the shapes-world recipe's values are the defaults when no `--model` is given."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    defaults = shapes_defaults if not any(a == "--model" or a.startswith("--model=") for a in argv) else {}
+    return parser.parse_args_and_config(argv, defaults=defaults)

@@ -469,7 +469,7 @@ class FlowRLTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (held-out prompts).")
         if not self.reward_funcs:
-            raise ValueError("evaluate() scores samples with the reward functions; pass `reward_funcs` to the trainer.")
+            raise ValueError("evaluate() scores samples with reward functions; pass `reward_funcs` to the trainer.")
         self.model.eval()
         rows = list(dataset)
         with self.accelerator.split_between_processes(list(range(len(rows)))) as mine:

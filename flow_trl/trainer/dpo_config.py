@@ -77,15 +77,16 @@ class FlowDPOConfig(FlowRLConfig):
         if self.rollout_policy not in ROLLOUT_POLICIES:
             raise ValueError(f"rollout_policy must be one of {ROLLOUT_POLICIES}; got {self.rollout_policy!r}.")
         if self.ref_update_steps is not None and self.ref_update_steps < 1:
-            raise ValueError(f"ref_update_steps must be a positive number of steps or None; got {self.ref_update_steps}.")
+            raise ValueError(f"ref_update_steps must be positive or None; got {self.ref_update_steps}.")
 
     def _check_generation_groups(self) -> None:
         if self.num_generations is not None:  # online; offline runs leave it unset
             super()._check_generation_groups()
             if self.per_device_train_batch_size % self.num_generations:
                 raise ValueError(
-                    f"Online DPO trains whole pairs per micro-batch: per_device_train_batch_size "
-                    f"({self.per_device_train_batch_size}) must be divisible by num_generations ({self.num_generations})."
+                    "Online DPO trains whole pairs per micro-batch: per_device_train_batch_size "
+                    f"({self.per_device_train_batch_size}) must be divisible by num_generations "
+                    f"({self.num_generations})."
                 )
 
     def use_online_defaults(self) -> None:

@@ -1,27 +1,37 @@
-"""Diffusion-NFT on the shapes world, with and without NormGuard: held-out score curve, norm inflation, time.
+"""A trainer on the shapes world, with and without NormGuard: held-out score curve, norm inflation, time.
 
-    python benchmarks/nft_shapes.py --output_dir runs/nft-bench [--max_steps 60] [--norm_guard_coefs 0 1]
+    python benchmarks/shapes.py --trainer nft --output_dir runs/nft-bench [--max_steps 60] [--norm_guard_coefs 0 1]
 
-Each run is `flow-trl nft`'s shapes recipe (flow_trl.scripts.nft.SHAPES_NFT_DEFAULTS) plus periodic evaluation on
-the held-out split. Prints a table and writes `results.json` and `nft_shapes_curve.png` to --output_dir.
+Each run is `flow-trl <trainer>`'s shapes recipe (`SHAPES_<TRAINER>_DEFAULTS` in flow_trl/scripts/<trainer>.py) plus
+periodic evaluation on the held-out split; `--set key=value` overrides a recipe value (YAML syntax). Prints a table
+and writes `results.json` and `<trainer>_shapes_curve.png` to --output_dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 
-def run(output_dir: Path, max_steps: int, eval_steps: int, norm_guard_coef: float, threads: int) -> dict:
+def recipe(trainer: str):
+    """The trainer's script module and its shapes-world defaults."""
+    module = importlib.import_module(f"flow_trl.scripts.{trainer}")
+    return module, getattr(module, f"SHAPES_{trainer.upper()}_DEFAULTS")
+
+
+def run(trainer: str, output_dir: Path, max_steps: int, eval_steps: int, norm_guard_coef: float, threads: int,
+        extra: dict[str, Any]) -> dict:
     import torch
 
-    from flow_trl.scripts.nft import SHAPES_NFT_DEFAULTS, main, make_parser
-
+    module, defaults = recipe(trainer)
     torch.set_num_threads(threads)
     overrides = {
-        **SHAPES_NFT_DEFAULTS,
+        **defaults,
+        **extra,
         "output_dir": str(output_dir),
         "max_steps": max_steps,
         "eval_strategy": "steps",
@@ -29,30 +39,32 @@ def run(output_dir: Path, max_steps: int, eval_steps: int, norm_guard_coef: floa
         "norm_guard_coef": norm_guard_coef,
         "logging_steps": 1,
     }
-    script_args, training_args = make_parser().parse_args_and_config([], defaults=overrides)
+    script_args, training_args = module.make_parser().parse_args_and_config([], defaults=overrides)
     start = time.time()
-    report = main(script_args, training_args)
+    report = module.main(script_args, training_args)
     minutes = (time.time() - start) / 60
     return {"minutes": minutes, "report": report, "history": report.pop("log_history")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="runs/nft-bench")
+    parser.add_argument("--trainer", default="nft", choices=["nft", "awm", "dpo"])
+    parser.add_argument("--output_dir", default=None, help="Default: runs/<trainer>-bench.")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Recipe overrides (YAML values).")
     parser.add_argument("--max_steps", type=int, default=None, help="Default: the recipe's.")
     parser.add_argument("--eval_steps", type=int, default=10)
     parser.add_argument("--norm_guard_coefs", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    import yaml
 
-    from flow_trl.scripts.nft import SHAPES_NFT_DEFAULTS
-
-    max_steps = args.max_steps or SHAPES_NFT_DEFAULTS["max_steps"]
-    out = Path(args.output_dir)
+    extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    max_steps = args.max_steps or recipe(args.trainer)[1]["max_steps"]
+    out = Path(args.output_dir or f"runs/{args.trainer}-bench")
     results = {}
     for coef in args.norm_guard_coefs:
-        results[f"norm_guard_{coef:g}"] = run(out / f"norm_guard_{coef:g}", max_steps, args.eval_steps, coef,
-                                              args.threads)
+        results[f"norm_guard_{coef:g}"] = run(args.trainer, out / f"norm_guard_{coef:g}", max_steps, args.eval_steps,
+                                              coef, args.threads, extra)
     summary = {}
     for name, res in results.items():
         before, after = res["report"]["before"], res["report"]["after"]
@@ -70,10 +82,10 @@ def main() -> None:
         }
     (out / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=2, default=str))
     print(json.dumps(summary, indent=2))
-    _plot(results, out / "nft_shapes_curve.png")
+    _plot(results, out / f"{args.trainer}_shapes_curve.png", args.trainer.upper())
 
 
-def _plot(results: dict, path: Path) -> None:
+def _plot(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +99,7 @@ def _plot(results: dict, path: Path) -> None:
             ax1.plot(*zip(*evals), marker="o", label=name)
         if ratios:
             ax2.plot(*zip(*ratios), label=name)
-    ax1.set(xlabel="optimizer step", ylabel="held-out shapes score", title="NFT on the shapes world")
+    ax1.set(xlabel="optimizer step", ylabel="held-out shapes score", title=f"{title} on the shapes world")
     ax2.set(xlabel="optimizer step", ylabel="|v| / |v_ref|", title="velocity norm ratio")
     ax2.axhline(1.0, color="gray", lw=0.5)
     for ax in (ax1, ax2):

@@ -1,0 +1,49 @@
+"""Train with Diffusion-DPO: `flow-trl dpo [--flags | --config cfg.yaml]`.
+
+Online (pairs from the policy's own rollouts, best vs worst of each group) on a prompt dataset; offline on a
+preference dataset with `prompt`, `chosen` and `rejected` image columns. With no `--model`, trains online on the
+embedded shapes world and prints the held-out score before and after. With a model:
+
+    accelerate launch examples/scripts/dpo.py --model stabilityai/stable-diffusion-3.5-medium \\
+        --dataset_name my/preference-pairs --output_dir sd35-dpo --bf16
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .utils import SHAPES_COMMON_DEFAULTS, FlowTrlParser, ScriptArguments, parse_with_shapes_defaults, run_training
+
+
+# The shapes-world recipe (online; measured figures: docs/benchmarks.md).
+SHAPES_DPO_DEFAULTS: dict[str, Any] = {
+    **SHAPES_COMMON_DEFAULTS,
+    "output_dir": "shapes-dpo",
+    "max_steps": 200,
+    "per_device_train_batch_size": 32,
+    "num_generations": 8,
+    "steps_per_generation": 2,
+    "learning_rate": 1e-3,
+    "num_train_timesteps": 3,
+}
+
+
+def make_parser() -> FlowTrlParser:
+    from ..trainer import FlowDPOConfig
+
+    return FlowTrlParser((ScriptArguments, FlowDPOConfig))
+
+
+def main(script_args: ScriptArguments, training_args) -> dict[str, Any]:
+    from ..trainer import FlowDPOTrainer
+
+    return run_training(FlowDPOTrainer, script_args, training_args)
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse flags/YAML (shapes-world defaults when no model is given) and run."""
+    return main(*parse_with_shapes_defaults(make_parser(), argv, SHAPES_DPO_DEFAULTS))
+
+
+if __name__ == "__main__":
+    cli()
