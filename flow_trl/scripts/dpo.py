@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .utils import SHAPES_COMMON_DEFAULTS, FlowTrlParser, ScriptArguments, parse_with_shapes_defaults, run_training
+from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
 # The shapes-world recipe (online; measured figures: docs/benchmarks.md).
@@ -28,21 +28,8 @@ SHAPES_DPO_DEFAULTS: dict[str, Any] = {
 }
 
 
-def make_parser() -> FlowTrlParser:
-    from ..trainer import FlowDPOConfig
-
-    return FlowTrlParser((ScriptArguments, FlowDPOConfig))
-
-
-def main(script_args: ScriptArguments, training_args) -> dict[str, Any]:
-    from ..trainer import FlowDPOTrainer
-
-    return run_training(FlowDPOTrainer, script_args, training_args)
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse flags/YAML (shapes-world defaults when no model is given) and run."""
-    return main(*parse_with_shapes_defaults(make_parser(), argv, SHAPES_DPO_DEFAULTS))
+SCRIPT = TrainerScript("FlowDPOTrainer", "FlowDPOConfig", SHAPES_DPO_DEFAULTS)
+make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .utils import SHAPES_COMMON_DEFAULTS, FlowTrlParser, ScriptArguments, parse_with_shapes_defaults, run_training
+from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
 # The shapes-world recipe: about 5 minutes on 2 CPU cores. It trains 3 of the 10 grid timesteps per sample (more
@@ -31,21 +31,8 @@ SHAPES_NFT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def make_parser() -> FlowTrlParser:
-    from ..trainer import FlowNFTConfig
-
-    return FlowTrlParser((ScriptArguments, FlowNFTConfig))
-
-
-def main(script_args: ScriptArguments, training_args) -> dict[str, Any]:
-    from ..trainer import FlowNFTTrainer
-
-    return run_training(FlowNFTTrainer, script_args, training_args)
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse flags/YAML (shapes-world defaults when no model is given) and run."""
-    return main(*parse_with_shapes_defaults(make_parser(), argv, SHAPES_NFT_DEFAULTS))
+SCRIPT = TrainerScript("FlowNFTTrainer", "FlowNFTConfig", SHAPES_NFT_DEFAULTS)
+make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 
 if __name__ == "__main__":

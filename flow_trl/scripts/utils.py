@@ -182,3 +182,26 @@ def parse_with_shapes_defaults(parser: FlowTrlParser, argv: list[str] | None, sh
     argv = list(argv) if argv is not None else sys.argv[1:]
     defaults = shapes_defaults if not any(a == "--model" or a.startswith("--model=") for a in argv) else {}
     return parser.parse_args_and_config(argv, defaults=defaults)
+
+
+@dataclass(frozen=True)
+class TrainerScript:
+    """One `flow-trl <command>`: which trainer and config it runs, and its shapes-world recipe."""
+
+    trainer_class: str  # a name exported by flow_trl, e.g. "FlowNFTTrainer"
+    config_class: str  # e.g. "FlowNFTConfig"
+    shapes_defaults: dict[str, Any]
+
+    def make_parser(self) -> FlowTrlParser:
+        from .. import trainer
+
+        return FlowTrlParser((ScriptArguments, getattr(trainer, self.config_class)))
+
+    def main(self, script_args: ScriptArguments, training_args) -> dict[str, Any]:
+        from .. import trainer
+
+        return run_training(getattr(trainer, self.trainer_class), script_args, training_args)
+
+    def cli(self, argv: list[str] | None = None) -> dict[str, Any]:
+        """Parse flags/YAML (the shapes-world recipe when no model is given) and run."""
+        return self.main(*parse_with_shapes_defaults(self.make_parser(), argv, self.shapes_defaults))

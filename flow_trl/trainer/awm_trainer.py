@@ -129,9 +129,6 @@ class FlowAWMTrainer(NormGuardMixin, FlowRLTrainer):
         advantages = inputs["advantages"] / args.advantage_clip * args.advantage_max
         return {**inputs, "advantages": advantages, **self._forward_process_noise(latents, sigmas, generator)}
 
-    def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
-        return inputs["train_sigmas"].shape[1]
-
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
         args, cond = self.args, inputs["cond"]
         x0, noise = inputs["latents"].float(), inputs["train_noise"][:, chunk]

@@ -5,8 +5,9 @@ with the sampling policy -> images -> reward functions -> weighted reward -> gro
 each trained by the algorithm's loss over its timesteps (+ regularizers) -> optimizer step through the Trainer.
 
 An algorithm subclass sets a few class attributes (`config_class`, `_name`, `_policy_adapters`, `_sampling_policy`)
-and implements `_num_loss_chunks` and `_compute_loss`. Everything else (rollouts, rewards, advantages, buffering,
-LoRA and policy copies, saving in diffusers format, resume, evaluation, metrics) lives here.
+and implements `_compute_loss` (and `_num_loss_chunks` unless it trains on forward-process `train_sigmas`).
+Everything else (rollouts, rewards, advantages, buffering, LoRA and policy copies, saving in diffusers format,
+resume, evaluation, metrics) lives here.
 """
 
 from __future__ import annotations
@@ -410,8 +411,11 @@ class FlowRLTrainer(Trainer):
     # ---- training ----------------------------------------------------------------------------------------------
 
     def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
-        """How many backward passes one micro-batch is split into (e.g. one per trained timestep)."""
-        raise NotImplementedError
+        """How many backward passes one micro-batch is split into: by default one per training sigma
+        (`train_sigmas`, `[B, k]`, as drawn by the forward-process trainers)."""
+        if "train_sigmas" not in inputs:
+            raise NotImplementedError(f"{type(self).__name__} must implement _num_loss_chunks.")
+        return inputs["train_sigmas"].shape[1]
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
         """The algorithm's loss for chunk `chunk` of a micro-batch (appends its metrics to `self._metrics`)."""

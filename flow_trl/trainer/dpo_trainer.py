@@ -182,9 +182,6 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
-        return inputs["train_sigmas"].shape[1]
-
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
         pairs = inputs["latents"].float()
         x0 = torch.cat([pairs[:, 0], pairs[:, 1]])  # winners then losers

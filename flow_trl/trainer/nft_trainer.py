@@ -114,9 +114,6 @@ class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
         sigmas = sample_training_sigmas("grid_subset", len(inputs["latents"]), k, self.sigmas, generator)
         return {**inputs, **self._forward_process_noise(inputs["latents"], sigmas, generator)}
 
-    def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
-        return inputs["train_sigmas"].shape[1]
-
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
         cond = inputs["cond"]
         x0 = inputs["latents"].float()
