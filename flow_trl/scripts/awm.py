@@ -19,10 +19,6 @@ from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 SHAPES_AWM_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-awm",
-    "max_steps": 200,
-    "per_device_train_batch_size": 32,
-    "num_generations": 8,
-    "steps_per_generation": 2,
     "learning_rate": 1e-3,
     "num_train_timesteps": 3,
     "beta": 0.0,

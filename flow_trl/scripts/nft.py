@@ -20,10 +20,6 @@ from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 SHAPES_NFT_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-nft",
-    "max_steps": 200,
-    "per_device_train_batch_size": 32,
-    "num_generations": 8,
-    "steps_per_generation": 2,
     "learning_rate": 3e-3,
     "timestep_fraction": 0.3,
     "beta": 0.0,

@@ -78,8 +78,13 @@ class FlowTrlParser(HfArgumentParser):
         return tuple(outputs)
 
 
-# Shapes-world settings every trainer's recipe shares (used when no --model is given; flags and --config override).
+# Shapes-world settings every trainer's recipe shares (used when no --model is given; flags and --config override):
+# LoRA r16 (ScriptArguments), 200 optimizer steps of 32 images, 4 prompts x 8 images per rollout over 2 steps.
 SHAPES_COMMON_DEFAULTS: dict[str, Any] = {
+    "max_steps": 200,
+    "per_device_train_batch_size": 32,
+    "num_generations": 8,
+    "steps_per_generation": 2,
     "num_inference_steps": 10,
     "guidance_scale": 1.0,
     "logging_steps": 10,
