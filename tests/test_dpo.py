@@ -100,7 +100,7 @@ def test_offline_dpo_raises_held_out_implicit_accuracy(tmp_path):
 
 
 def test_online_dpo_pairs_best_and_worst_and_refreshes_its_reference(tmp_path):
-    args = dpo_config(tmp_path, num_generations=2, ref_update_steps=1, rollout_policy="reference")
+    args = dpo_config(tmp_path, num_generations=2, ref_update_steps=1, rollout_policy="reference", norm_guard_coef=1.0)
     trainer = FlowDPOTrainer(MODEL, args=args, reward_funcs="shapes",
                              train_dataset=shapes_dataset("train").select(range(16)), peft_config=lora())
     assert not trainer.offline and trainer._sampling_policy == "dpo_ref"
@@ -111,7 +111,8 @@ def test_online_dpo_pairs_best_and_worst_and_refreshes_its_reference(tmp_path):
     moved = [n for n in ref_before if not torch.equal(ref_before[n], params[n])]
     assert moved and all(params[n].grad is None for n in moved)
     logs = {k for entry in trainer.state.log_history for k in entry}
-    assert {"rewards/accuracies", "dpo/valid_pair_frac", "rewards/shapes/mean", "velocity_norm_ratio"} <= logs
+    assert {"rewards/accuracies", "dpo/valid_pair_frac", "rewards/shapes/mean", "velocity_norm_ratio",
+            "norm_guard/loss"} <= logs
 
 
 def test_online_pairs_come_from_groups(tmp_path):
