@@ -1,6 +1,6 @@
 """Does each trainer optimise a reward it can reach? A dense sanity reward on the shapes world.
 
-    python benchmarks/redness.py [--trainers nft awm dpo] [--max_steps 60]
+    python benchmarks/redness.py [--trainers nft awm dpo grpo] [--max_steps 60]
 
 The reward is the mean "redness" of the image, ``10 * mean(max(0, R - (G + B) / 2))``: every image can raise it a
 little at a time, so a trainer whose loss, advantages and updates are right raises it within a few dozen steps,
@@ -32,7 +32,7 @@ def run(trainer: str, max_steps: int, output_dir: Path) -> dict:
     defaults = dict(getattr(module, f"SHAPES_{trainer.upper()}_DEFAULTS"))
     defaults.update(output_dir=str(output_dir / trainer), max_steps=max_steps, logging_steps=5)
     _, args = module.make_parser().parse_args_and_config([], defaults=defaults)
-    trainer_class = getattr(importlib.import_module("flow_trl"), f"Flow{trainer.upper()}Trainer")
+    trainer_class = getattr(importlib.import_module("flow_trl"), module.SCRIPT.trainer_class)
     start = time.time()
     instance = trainer_class(str(SHAPES_PIPELINE_DIR), args=args, reward_funcs=[redness],
                              train_dataset=shapes_dataset("train"), peft_config=LoraConfig(r=16, lora_alpha=32))
@@ -43,7 +43,8 @@ def run(trainer: str, max_steps: int, output_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trainers", nargs="+", default=["nft", "awm", "dpo"], choices=["nft", "awm", "dpo"])
+    parser.add_argument("--trainers", nargs="+", default=["nft", "awm", "dpo", "grpo"],
+                        choices=["nft", "awm", "dpo", "grpo"])
     parser.add_argument("--max_steps", type=int, default=60)
     parser.add_argument("--output_dir", default="runs/redness")
     args = parser.parse_args()

@@ -48,7 +48,7 @@ def run(trainer: str, output_dir: Path, max_steps: int, eval_steps: int, norm_gu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trainer", default="nft", choices=["nft", "awm", "dpo"])
+    parser.add_argument("--trainer", default="nft", choices=["nft", "awm", "dpo", "grpo"])
     parser.add_argument("--output_dir", default=None, help="Default: runs/<trainer>-bench.")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Recipe overrides (YAML values).")
     parser.add_argument("--max_steps", type=int, default=None, help="Default: the recipe's.")

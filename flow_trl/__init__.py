@@ -18,6 +18,8 @@ _LAZY = {
     "FlowNFTConfig": "flow_trl.trainer",
     "FlowNFTTrainer": "flow_trl.trainer",
     "NormGuardMixin": "flow_trl.trainer",
+    "DanceGRPOConfig": "flow_trl.trainer",
+    "DanceGRPOTrainer": "flow_trl.trainer",
     "FlowAWMConfig": "flow_trl.trainer",
     "FlowAWMTrainer": "flow_trl.trainer",
     "FlowDPOConfig": "flow_trl.trainer",
@@ -26,6 +28,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .trainer import (
+        DanceGRPOConfig,
+        DanceGRPOTrainer,
         FlowAWMConfig,
         FlowAWMTrainer,
         FlowDPOConfig,
@@ -45,6 +49,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DanceGRPOConfig",
+    "DanceGRPOTrainer",
     "FlowAWMConfig",
     "FlowAWMTrainer",
     "FlowDPOConfig",

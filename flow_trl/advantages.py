@@ -69,6 +69,39 @@ def group_advantages(rewards: Tensor, num_generations: int, scale: str = "group"
     return torch.where(valid, advantages, torch.zeros_like(advantages)).view(-1)
 
 
+SHAPINGS = ("none", "slas")
+SLAS_ORDERS = ("normalize_then_shape", "shape_then_normalize")
+
+
+def shape_advantages(adv: Tensor, gamma: float) -> Tensor:
+    """Super-linear advantage shaping (SLAS, papers/slas.md eq. 20): ``sign(A) |A|^(1 + gamma)``.
+
+    ``gamma = 0`` is the identity; ``gamma > 0`` amplifies large advantages and shrinks those below 1 in magnitude
+    (e.g. gamma = 1: [-2, -0.5, 0.5, 2] -> [-4, -0.25, 0.25, 4]).
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0 (0 is no shaping); got {gamma}.")
+    return torch.sign(adv) * adv.abs().pow(1 + gamma)
+
+
+def slas_advantages(rewards: Tensor, num_generations: int, gamma: float, order: str = "normalize_then_shape",
+                    eps: float = 1e-4) -> Tensor:
+    """SLAS advantages: ``delta r = r - group mean``, batch-level std normalisation, super-linear shaping.
+
+    - ``"normalize_then_shape"`` (default): ``shape(delta r / (std of the batch's rewards + eps))``, so gamma acts
+      in units of the batch std (a reward-scale-free setting);
+    - ``"shape_then_normalize"``: ``shape(delta r)`` divided by the population std of the shaped values (+ eps).
+
+    NaN rewards give 0, as in `group_advantages`.
+    """
+    if order not in SLAS_ORDERS:
+        raise ValueError(f"order must be one of {SLAS_ORDERS}; got {order!r}.")
+    if order == "normalize_then_shape":
+        return shape_advantages(group_advantages(rewards, num_generations, "batch", eps), gamma)
+    shaped = shape_advantages(group_advantages(rewards, num_generations, "none"), gamma)
+    return shaped / (shaped.std(unbiased=False) + eps)
+
+
 def clip_advantages(adv: Tensor, max_abs: float | None) -> Tensor:
     """Clamp advantages to ``[-max_abs, max_abs]`` (flow_grpo's `adv_clip_max`, 5); `None` returns them unchanged."""
     if max_abs is None:

@@ -3,6 +3,7 @@
     flow-trl nft                            # Diffusion-NFT on the shapes world (flags or --config cfg.yaml)
     flow-trl awm                            # Advantage Weighted Matching, likewise
     flow-trl dpo                            # Diffusion-DPO (online; offline with a preference dataset)
+    flow-trl dance_grpo (alias grpo)        # GRPO on SDE rollouts (DanceGRPO, Flow-GRPO, SLAS)
     flow-trl evaluate                       # score the shipped shapes pipeline on held-out prompts
     flow-trl evaluate --lora my-run/        # ... with a diffusers-format LoRA loaded on top
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 
 # command -> module with a `cli(argv)` function
-TRAINING_COMMANDS = {name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo")}
+TRAINING_COMMANDS = {name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo", "grpo")}
+TRAINING_COMMANDS["dance_grpo"] = TRAINING_COMMANDS["grpo"]
 
 
 def _print_table(metrics: dict[str, float]) -> None:

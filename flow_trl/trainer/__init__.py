@@ -6,12 +6,16 @@ from .base_config import FlowRLConfig
 from .base_trainer import FlowRLTrainer, RepeatSampler
 from .dpo_config import FlowDPOConfig
 from .dpo_trainer import FlowDPOTrainer, diffusion_dpo_loss
+from .grpo_config import DanceGRPOConfig
+from .grpo_trainer import DanceGRPOTrainer, grpo_clip_loss
 from .mixins import NormGuardMixin
 from .nft_config import FlowNFTConfig
 from .nft_trainer import FlowNFTTrainer, nft_loss
 
 
 __all__ = [
+    "DanceGRPOConfig",
+    "DanceGRPOTrainer",
     "FlowAWMConfig",
     "FlowAWMTrainer",
     "FlowDPOConfig",
@@ -24,5 +28,6 @@ __all__ = [
     "RepeatSampler",
     "awm_loss",
     "diffusion_dpo_loss",
+    "grpo_clip_loss",
     "nft_loss",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from ..advantages import SHAPINGS, SLAS_ORDERS
 from ..sampling import STEP_TYPES
 
 
@@ -60,8 +61,15 @@ class FlowRLConfig(TrainingArguments):
     scale_rewards (`str`, defaults to `"group"`):
         Advantage normalisation: `(r - group mean) / (std + 1e-4)` with the group's std (`"group"`), the std of the
         whole rollout (`"batch"`, flow_grpo's `global_std`), or no division (`"none"`).
+    advantage_shaping (`str`, defaults to `"none"`):
+        `"slas"`: Super-Linear Advantage Shaping (papers/slas.md): `delta r = r - group mean`, batch-level std
+        normalisation (whatever `scale_rewards` says), then `sign(A) |A|^(1 + slas_gamma)`. See docs/grpo.md.
+    slas_gamma (`float`, defaults to `1.0`):
+        SLAS exponent gamma >= 0 (0: batch-std advantages, no shaping). The paper does not state its value.
+    slas_order (`str`, defaults to `"normalize_then_shape"`):
+        `"normalize_then_shape"` (gamma acts in batch-std units) or `"shape_then_normalize"`.
     advantage_clip (`float`, *optional*, defaults to `5.0`):
-        Clip advantages to `[-advantage_clip, advantage_clip]`; `None` disables clipping.
+        Clip advantages to `[-advantage_clip, advantage_clip]` (after shaping); `None` disables clipping.
 
     > Parameters that control regularization and diagnostics
 
@@ -126,8 +134,16 @@ class FlowRLConfig(TrainingArguments):
     scale_rewards: str = field(
         default="group", metadata={"help": "Advantage std: 'group', 'batch' (global std) or 'none'."}
     )
+    advantage_shaping: str = field(
+        default="none", metadata={"help": "'slas' (batch std, then sign(A)|A|^(1+slas_gamma)) or 'none'."}
+    )
+    slas_gamma: float = field(default=1.0, metadata={"help": "SLAS exponent gamma >= 0."})
+    slas_order: str = field(
+        default="normalize_then_shape",
+        metadata={"help": "SLAS order: 'normalize_then_shape' or 'shape_then_normalize'."},
+    )
     advantage_clip: float | None = field(
-        default=5.0, metadata={"help": "Clip advantages to +-this value; None disables clipping."}
+        default=5.0, metadata={"help": "Clip advantages to +-this value (after shaping); None disables clipping."}
     )
 
     # regularization and diagnostics
@@ -170,6 +186,12 @@ class FlowRLConfig(TrainingArguments):
         self._check_generation_groups()
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}; got {self.scale_rewards!r}.")
+        if self.advantage_shaping not in SHAPINGS:
+            raise ValueError(f"advantage_shaping must be one of {SHAPINGS}; got {self.advantage_shaping!r}.")
+        if self.slas_order not in SLAS_ORDERS:
+            raise ValueError(f"slas_order must be one of {SLAS_ORDERS}; got {self.slas_order!r}.")
+        if self.slas_gamma < 0:
+            raise ValueError(f"slas_gamma must be >= 0; got {self.slas_gamma}.")
         if self.sde_type not in STEP_TYPES:
             raise ValueError(f"sde_type must be one of {STEP_TYPES}; got {self.sde_type!r}.")
         if self.num_inference_steps < 2:

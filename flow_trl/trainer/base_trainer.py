@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
-from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats
+from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats, slas_advantages
 from ..models import get_adapter, index_conditioning, load_pipeline
 from ..regularizers import velocity_kl, velocity_norm_ratio
 from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
@@ -320,13 +320,16 @@ class FlowRLTrainer(Trainer):
         index = torch.tensor([unique.index(p) for p in prompts], device=next(iter(cond.values())).device)
         return index_conditioning(cond, index)
 
+    def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """Initial latents of a rollout: independent standard normal noise per sample."""
+        return self.adapter.initial_noise(num_samples, self.resolution, self.resolution, generator, self.compute_dtype)
+
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator, policy: str = "default", step_type="ode",
                batch_size: int | None = None):
         """Roll out `policy` on `prompts`; returns ``(conditioning, Rollout)`` for the whole batch."""
         cond = self.encode_prompts(prompts)
-        noise = self.adapter.initial_noise(len(prompts), self.resolution, self.resolution, generator,
-                                           self.compute_dtype)
+        noise = self._initial_noise(len(prompts), generator)
         batch_size = batch_size or len(prompts)
         chunks = []
         with self.policy(policy) as module:
@@ -355,8 +358,7 @@ class FlowRLTrainer(Trainer):
         rewards = compute_rewards(self.reward_funcs, prompts, images, columns, trainer_state=self.state)
         all_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
         total = weighted_reward(all_rewards, args.reward_weights)
-        advantages = group_advantages(total, args.num_generations, args.scale_rewards)
-        advantages = clip_advantages(advantages, args.advantage_clip)
+        advantages = self.compute_advantages(total)
         start = self.accelerator.process_index * len(prompts)
         self._log_rollout_metrics(all_rewards, total, advantages)
         inputs = {
@@ -371,6 +373,16 @@ class FlowRLTrainer(Trainer):
             inputs["log_probs"] = torch.cat([c.log_probs for c in chunks])
             inputs["step_indices"] = torch.tensor(chunks[0].step_indices).expand(len(prompts), -1)
         return self._prepare_training_inputs(inputs, generator)
+
+    def compute_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages of the gathered rewards `[N]` (whole groups): group-normalised (`scale_rewards`) or SLAS-shaped
+        (`advantage_shaping`), then clipped to `advantage_clip`."""
+        args = self.args
+        if args.advantage_shaping == "slas":
+            advantages = slas_advantages(rewards, args.num_generations, args.slas_gamma, args.slas_order)
+        else:
+            advantages = group_advantages(rewards, args.num_generations, args.scale_rewards)
+        return clip_advantages(advantages, args.advantage_clip)
 
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """The rollout's training inputs: the algorithm adds what it draws once per rollout (e.g. timesteps and
@@ -441,12 +453,18 @@ class FlowRLTrainer(Trainer):
         logging_step = (self.state.global_step + 1) % every == 0
         return self.args.beta > 0 or (self.args.diagnostics_every_log and logging_step)
 
+    def _velocity_kl_coef(self) -> float:
+        """Coefficient of the velocity-space KL to the reference (`beta`; 0 for an algorithm whose KL has another
+        form)."""
+        return self.args.beta
+
     def _velocity_regularization(self, v: torch.Tensor, v_ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """KL to the reference (`beta`) and the norm-inflation diagnostic; mixins add terms via `super()`."""
         metrics = {"velocity_norm_ratio": velocity_norm_ratio(v.detach(), v_ref).mean().item()}
-        if self.args.beta == 0:
+        coef = self._velocity_kl_coef()
+        if coef == 0:
             return v.new_zeros(()), metrics
-        loss, kl_metrics = velocity_kl(v, v_ref, self.args.beta)
+        loss, kl_metrics = velocity_kl(v, v_ref, coef)
         return loss, {**metrics, **kl_metrics}
 
     def reference_terms(self, latents, sigma, cond, v: torch.Tensor, v_ref: torch.Tensor | None = None):

@@ -1,0 +1,82 @@
+"""`DanceGRPOConfig`: GRPO on SDE rollouts (DanceGRPO, Flow-GRPO, CPS), with optional SLAS advantage shaping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base_config import FlowRLConfig
+
+
+SDE_ALIASES = {"dance": "dance_sde", "flow": "flow_sde", "cps": "cps"}
+KL_TYPES = ("velocity", "sde_mean")
+
+
+@dataclass
+class DanceGRPOConfig(FlowRLConfig):
+    r"""
+    Configuration of [`DanceGRPOTrainer`] (DanceGRPO, https://huggingface.co/papers/2505.07818; Flow-GRPO,
+    https://huggingface.co/papers/2505.05470, with `sde_type="flow"`).
+
+    Inherits every field of [`FlowRLConfig`] (among them the advantage settings: `scale_rewards`, and SLAS through
+    `advantage_shaping="slas"`, `slas_gamma`, `slas_order`). GRPO-specific fields:
+
+    sde_type (`str`, defaults to `"dance"`):
+        The stochastic step of rollouts and of the policy's log-prob: `"dance"` (DanceGRPO), `"flow"` (Flow-GRPO) or
+        `"cps"` (coefficients-preserving); the long names `"dance_sde"`/`"flow_sde"` are accepted.
+    noise_level (`float`, defaults to `0.3`):
+        eta of the SDE (DanceGRPO 0.3 for FLUX, Flow-GRPO 0.7). Must be positive.
+    clip_range (`float`, defaults to `1e-4`):
+        PPO clip of the per-step ratio `exp(logp - logp_old)` (log-probs are means over dimensions, which sets this
+        scale).
+    timestep_fraction (`float`, defaults to `0.6`):
+        Each sample trains on a random `int(S * timestep_fraction)` (at least 1) of its S stochastic transitions; the
+        last transition (to sigma 0) is never stochastic, hence never trained.
+    same_initial_noise (`bool`, defaults to `False`):
+        All images of a group start from the same initial noise (DanceGRPO's `init_same_noise`); they then differ
+        only by the SDE noise. Needs whole groups on each process (`per_device_train_batch_size *
+        steps_per_generation` divisible by `num_generations`).
+    kl_type (`str`, defaults to `"sde_mean"`):
+        With `beta > 0`: `"sde_mean"`, Flow-GRPO's `mean_dims (mu - mu_ref)^2 (-dt) / (2 std^2)` between the two
+        policies' step means, or `"velocity"`, `mean_dims (v - v_ref)^2`.
+
+    > [!NOTE]
+    > Defaults that differ from [`FlowRLConfig`], following DanceGRPO: `guidance_scale=1.0` (no CFG), `beta=0.0`
+    > (no KL), `scale_rewards="group"` (per-group std, as DanceGRPO; SLAS uses the batch std).
+    """
+
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of rollouts and training (1.0: none)."})
+    sde_type: str = field(default="dance", metadata={"help": "Rollout SDE: 'dance', 'flow' or 'cps'."})
+    noise_level: float = field(default=0.3, metadata={"help": "eta of the SDE (positive)."})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step log-prob ratio."})
+    timestep_fraction: float = field(
+        default=0.6, metadata={"help": "Fraction of each sample's stochastic transitions trained (never the last)."}
+    )
+    same_initial_noise: bool = field(
+        default=False, metadata={"help": "One initial noise per group (DanceGRPO's init_same_noise)."}
+    )
+    kl_type: str = field(default="sde_mean", metadata={"help": "KL form with beta > 0: 'sde_mean' or 'velocity'."})
+
+    def __post_init__(self):
+        self.sde_type = SDE_ALIASES.get(self.sde_type, self.sde_type)
+        super().__post_init__()
+        if self.sde_type == "ode":
+            raise ValueError("GRPO needs a stochastic policy: sde_type must be 'dance', 'flow' or 'cps', not 'ode'.")
+        if self.noise_level <= 0:
+            raise ValueError(
+                f"noise_level (eta) must be positive for the {self.sde_type!r} step, whose log-prob needs noise; "
+                f"got {self.noise_level}."
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
+        if self.clip_range <= 0:
+            raise ValueError(f"clip_range must be positive; got {self.clip_range}.")
+        if self.kl_type not in KL_TYPES:
+            raise ValueError(f"kl_type must be one of {KL_TYPES}; got {self.kl_type!r}.")
+        if self.same_initial_noise and (self.per_device_train_batch_size * self.steps_per_generation) % (
+            self.num_generations
+        ):
+            raise ValueError(
+                "same_initial_noise needs whole groups on each process: per_device_train_batch_size x "
+                f"steps_per_generation ({self.per_device_train_batch_size} x {self.steps_per_generation}) must be "
+                f"divisible by num_generations ({self.num_generations})."
+            )

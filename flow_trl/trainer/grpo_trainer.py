@@ -1,0 +1,141 @@
+"""`DanceGRPOTrainer`: GRPO on SDE rollouts, with PPO clipping of per-step log-prob ratios."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sampling import step
+from .base_trainer import FlowRLTrainer
+from .grpo_config import DanceGRPOConfig
+
+
+def grpo_clip_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate on one transition per sample, a pure function.
+
+    ``ratio = exp(logp - logp_old)``, ``loss = mean_b max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))``. Metrics:
+    ``ratio`` (mean), ``clip_frac`` (fraction with ``|ratio - 1| > eps``) and ``approx_kl``
+    (``mean (logp - logp_old)^2 / 2``, flow_grpo's estimator).
+    """
+    log_ratio = log_prob.float() - old_log_prob.float().detach()
+    ratio = torch.exp(log_ratio)
+    a = advantages.float()
+    loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    metrics = {
+        "ratio": ratio.detach().mean().item(),
+        "clip_frac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
+        "approx_kl": 0.5 * log_ratio.detach().pow(2).mean().item(),
+    }
+    return loss, metrics
+
+
+def sde_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's KL between two step policies with the same std: ``mean_dims (mu - mu_ref)^2 / (2 s_t^2)`` with
+    ``s_t^2 = std^2 / (-dt)`` (the true Gaussian KL summed over dims and without the ``|dt|`` factor). `std` is the
+    step's per-sample std ``[B, 1, ...]``, `dt` ``[B]`` (negative). Returns `[B]`."""
+    dims = tuple(range(1, mean.dim()))
+    s2 = std.float().flatten(1)[:, 0] ** 2 / (-dt.float().view(-1))  # std is per sample, [B, 1, ...]
+    return (mean.float() - ref_mean.float().detach()).pow(2).mean(dims) / (2 * s2)
+
+
+class DanceGRPOTrainer(FlowRLTrainer):
+    """Trainer for GRPO on flow-matching SDE rollouts: DanceGRPO ([DanceGRPO: Unleashing GRPO on Visual
+    Generation](https://huggingface.co/papers/2505.07818)), Flow-GRPO with `sde_type="flow"`, or CPS steps; with
+    SLAS advantage shaping through `advantage_shaping="slas"`.
+
+    Rollouts sample with a stochastic step (all transitions but the last), record each transition and its log-prob;
+    training recomputes the log-prob of a random subset of them under the current policy and applies PPO's clipped
+    surrogate with the group advantages.
+
+    Example:
+
+    ```python
+    from peft import LoraConfig
+    from flow_trl import DanceGRPOConfig, DanceGRPOTrainer
+    from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+
+    trainer = DanceGRPOTrainer(
+        model=str(SHAPES_PIPELINE_DIR),
+        args=DanceGRPOConfig(output_dir="shapes-grpo", advantage_shaping="slas", slas_gamma=1.0),
+        reward_funcs="shapes",
+        train_dataset=shapes_dataset("train"),
+        peft_config=LoraConfig(r=16, lora_alpha=32),
+    )
+    trainer.train()
+    ```
+
+    Args: see [`FlowRLTrainer`]; `args` is a [`DanceGRPOConfig`].
+    """
+
+    config_class = DanceGRPOConfig
+    _tag_names = ["flow-trl", "diffusers", "text-to-image", "grpo"]
+    _name = "GRPO"
+    # docstyle-ignore
+    _paper = {
+        "title": "DanceGRPO: Unleashing GRPO on Visual Generation",
+        "id": "2505.07818",
+        "citation": textwrap.dedent("""\
+            @article{xue2025dancegrpo,
+                title   = {{DanceGRPO: Unleashing GRPO on Visual Generation}},
+                author  = {Zeyue Xue and Jie Wu and Yu Gao and Fangyuan Kong and Lingting Zhu and Mengzhao Chen and
+                           Zhiheng Liu and Wei Liu and Qiushan Guo and Weilin Huang and Ping Luo},
+                journal = {arXiv preprint arXiv:2505.07818},
+                year    = {2025},
+            }"""),
+    }
+
+    def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """With `same_initial_noise`, one noise per group (groups are contiguous and whole on each process)."""
+        if not self.args.same_initial_noise:
+            return super()._initial_noise(num_samples, generator)
+        groups = super()._initial_noise(num_samples // self.args.num_generations, generator)
+        return groups.repeat_interleave(self.args.num_generations, dim=0)
+
+    def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Per sample: a random `int(S * timestep_fraction)` of its S recorded (stochastic) transitions."""
+        n, recorded = inputs["log_probs"].shape
+        k = max(1, int(recorded * self.args.timestep_fraction))
+        train_steps = torch.stack([torch.randperm(recorded, generator=generator)[:k] for _ in range(n)])
+        return {**inputs, "train_steps": train_steps.to(inputs["log_probs"].device)}
+
+    def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
+        return inputs["train_steps"].shape[1]
+
+    def _velocity_kl_coef(self) -> float:
+        return self.args.beta if self.args.kl_type == "velocity" else 0.0
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
+        args, cond = self.args, inputs["cond"]
+        rows = torch.arange(len(inputs["log_probs"]), device=inputs["log_probs"].device)
+        s = inputs["train_steps"][:, chunk]
+        x, x_next = inputs["latents_before"][rows, s], inputs["latents_after"][rows, s]
+        j = inputs["step_indices"][rows.cpu(), s.cpu()]
+        sigmas = self.sigmas.to(x.device)
+        sigma, sigma_next = sigmas[j.to(x.device)], sigmas[j.to(x.device) + 1]
+        v = self.velocity(model, x, sigma, cond)
+        out = step(args.sde_type, x, v, sigma, sigma_next, args.noise_level, sigma_max=float(sigmas[1]),
+                   prev_sample=x_next)
+        loss, metrics = grpo_clip_loss(out.log_prob, inputs["log_probs"][rows, s], inputs["advantages"],
+                                       args.clip_range)
+        v_ref = None
+        if self._needs_reference():
+            with torch.no_grad(), self.policy("ref") as ref:
+                v_ref = self.velocity(ref, x, sigma, cond)
+        if args.beta > 0 and args.kl_type == "sde_mean":
+            ref_out = step(args.sde_type, x, v_ref, sigma, sigma_next, args.noise_level, sigma_max=float(sigmas[1]),
+                           prev_sample=x_next)
+            kl = sde_mean_kl(out.mean, ref_out.mean, out.std, sigma_next - sigma).mean()
+            loss = loss + args.beta * kl
+            metrics["kl"] = kl.item()
+        loss = loss + self.reference_terms(x, sigma, cond, v, v_ref=v_ref)
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+        return loss
+
+
+__all__ = ["DanceGRPOTrainer", "grpo_clip_loss", "sde_mean_kl"]

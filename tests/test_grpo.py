@@ -1,0 +1,111 @@
+"""GRPO's clipped loss and SLAS against hand values, and DanceGRPOTrainer end to end on the shapes world."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from flow_trl import DanceGRPOConfig, DanceGRPOTrainer
+from flow_trl.advantages import shape_advantages, slas_advantages
+from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+from flow_trl.trainer.grpo_trainer import grpo_clip_loss
+
+
+MODEL = str(SHAPES_PIPELINE_DIR)
+
+
+def grpo_config(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                  num_inference_steps=4, max_steps=1, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                  report_to="none", seed=0, timestep_fraction=1.0)
+    kwargs.update(overrides)
+    return DanceGRPOConfig(**kwargs)
+
+
+def test_clip_loss_matches_the_hand_formula_inside_and_outside_the_clip():
+    eps = 0.2
+    old = torch.zeros(4)
+    log_ratio = torch.tensor([0.1, 0.5, -0.5, 0.5])  # ratios 1.105 (inside), 1.65, 0.61, 1.65 (outside)
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    new = log_ratio.clone().requires_grad_(True)
+    loss, metrics = grpo_clip_loss(new, old, advantages, eps)
+    r = log_ratio.exp()
+    # per sample max(-A r, -A clip(r)): A>0 takes the clipped value above 1+eps; A<0 takes -A r above 1+eps
+    expected = torch.stack([-r[0], -torch.tensor(1 + eps), torch.tensor(1 - eps), r[3]]).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    # clipped terms give no gradient; the others -A r / B
+    torch.testing.assert_close(new.grad, torch.tensor([-r[0] / 4, 0.0, 0.0, r[3] / 4]))
+    assert metrics["clip_frac"] == 0.75
+    assert metrics["approx_kl"] == pytest.approx(0.5 * (log_ratio**2).mean().item())
+
+
+def test_slas_shaping_on_the_hand_example():
+    torch.testing.assert_close(shape_advantages(torch.tensor([-2.0, -0.5, 0.5, 2.0]), gamma=1.0),
+                               torch.tensor([-4.0, -0.25, 0.25, 4.0]))
+    torch.testing.assert_close(shape_advantages(torch.tensor([-2.0, 3.0]), gamma=0.0), torch.tensor([-2.0, 3.0]))
+
+
+def test_slas_normalises_by_the_batch_std():
+    rewards = torch.tensor([0.0, 1.0, 10.0, 14.0])
+    delta = torch.tensor([-0.5, 0.5, -2.0, 2.0])  # r - group mean, groups of 2
+    batch_std = rewards.std(unbiased=False)
+    expected = torch.sign(delta) * (delta.abs() / (batch_std + 1e-4)) ** 1.5
+    torch.testing.assert_close(slas_advantages(rewards, 2, gamma=0.5), expected)
+    other = slas_advantages(rewards, 2, gamma=0.5, order="shape_then_normalize")
+    shaped = torch.sign(delta) * delta.abs() ** 1.5
+    torch.testing.assert_close(other, shaped / (shaped.std(unbiased=False) + 1e-4))
+
+
+@pytest.mark.parametrize("sde_type", ["dance", "flow", "cps"])
+def test_first_replay_has_ratio_one_and_never_trains_the_last_transition(tmp_path, sde_type):
+    noise = {"dance": 0.3, "flow": 0.7, "cps": 0.5}[sde_type]
+    args = grpo_config(tmp_path, sde_type=sde_type, noise_level=noise)
+    trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes",
+                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+    inputs = trainer._generate_and_score(list(shapes_dataset("train").select([0, 0, 1, 1])))
+    assert inputs["step_indices"].max() < args.num_inference_steps - 1  # the transition to sigma 0 is not recorded
+    assert inputs["train_steps"].shape == (4, args.num_inference_steps - 1)
+    for chunk in range(trainer._num_loss_chunks(inputs)):
+        trainer._compute_loss(trainer.model, inputs, chunk)
+    ratios = trainer._metrics["train"]["ratio"]
+    assert len(ratios) == 3 and all(abs(r - 1) < 1e-5 for r in ratios)
+    assert all(c == 0 for c in trainer._metrics["train"]["clip_frac"])
+
+
+def test_grpo_trains_with_slas_and_the_sde_mean_kl(tmp_path):
+    args = grpo_config(tmp_path, max_steps=2, advantage_shaping="slas", beta=0.01, same_initial_noise=True)
+    trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes",
+                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+    noise = trainer._initial_noise(4, torch.Generator().manual_seed(0))
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[1], noise[2])  # one noise per group
+    before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if ".default." in n}
+    trainer.train()
+    params = dict(trainer.transformer.named_parameters())
+    assert any(not torch.equal(before[n], params[n]) for n in before)
+    logs = {k for entry in trainer.state.log_history for k in entry}
+    assert {"ratio", "clip_frac", "approx_kl", "kl", "velocity_norm_ratio", "advantages/std"} <= logs
+
+
+def test_grpo_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="timestep_fraction must be in"):
+        grpo_config(tmp_path, timestep_fraction=1.5)
+    with pytest.raises(ValueError, match="timestep_fraction must be in"):
+        grpo_config(tmp_path, timestep_fraction=0.0)
+    with pytest.raises(ValueError, match="noise_level \\(eta\\) must be positive"):
+        grpo_config(tmp_path, noise_level=0.0)
+    with pytest.raises(ValueError, match="num_generations must be at least 2"):
+        grpo_config(tmp_path, num_generations=1)
+    with pytest.raises(ValueError, match="not 'ode'"):
+        grpo_config(tmp_path, sde_type="ode")
+    assert grpo_config(tmp_path, sde_type="flow").sde_type == "flow_sde"
+
+
+def test_sde_mean_kl_matches_flow_grpo():
+    from flow_trl.trainer.grpo_trainer import sde_mean_kl
+
+    mean, ref = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    std_dev_t = torch.tensor([0.5, 0.8])  # Flow-GRPO's s_t; the step's std is s_t sqrt(-dt)
+    dt = torch.tensor([-0.1, -0.2])
+    std = (std_dev_t * (-dt).sqrt()).view(2, 1, 1, 1)
+    expected = ((mean - ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)
+    torch.testing.assert_close(sde_mean_kl(mean, ref, std, dt), expected)
