@@ -11,9 +11,9 @@ TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generat
         "--num_inference_steps", "3", "--eval_num_per_family", "1", "--lora_r", "4"]
 
 
-@pytest.mark.parametrize("command", ["nft", "awm", "dpo"])
+@pytest.mark.parametrize("command", ["nft", "awm", "dpo", "dance_grpo"])
 def test_training_commands_on_the_shapes_world_report_before_and_after(tmp_path, capsys, command):
-    extra = ["--num_train_timesteps", "1"] if command != "nft" else []
+    extra = ["--num_train_timesteps", "1"] if command in ("awm", "dpo") else []
     assert main([command, "--output_dir", str(tmp_path), *TINY, *extra]) == 0
     report = json.loads((tmp_path / "shapes_eval.json").read_text())
     assert set(report) == {"before", "after"} and "score/position" in report["after"]
