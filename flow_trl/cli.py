@@ -6,6 +6,7 @@
     flow-trl dance_grpo (alias grpo)        # GRPO on SDE rollouts (DanceGRPO, Flow-GRPO, SLAS)
     flow-trl evaluate                       # score the shipped shapes pipeline on held-out prompts
     flow-trl evaluate --lora my-run/        # ... with a diffusers-format LoRA loaded on top
+    flow-trl diagnose --lora my-run/        # NormGuard diagnostics: norm profile, renormalisation, S(t)
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="First sampling seed.")
     ev.add_argument("--output_dir", default="shapes-eval", help="Where metrics.json and grid.png go.")
     ev.set_defaults(func=evaluate_command)
+    diag = sub.add_parser("diagnose", help="NormGuard diagnostics: norm profiles, renormalisation, S(t).")
+    from .scripts import diagnose
+
+    diagnose.add_arguments(diag)
+    diag.set_defaults(func=diagnose.run)
     return parser
 
 

@@ -53,3 +53,16 @@ def test_evaluate_command(tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["score"] <= 1 and (tmp_path / "grid.png").is_file()
     assert "overall" in capsys.readouterr().out
+
+
+def test_diagnose_command(tmp_path, capsys):
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--num_per_family", "1", "--steps", "3", "2", "--sensitivity_samples", "2",
+                 "--output_dir", str(out)]) == 0
+    results = json.loads((out / "diagnose.json").read_text())
+    base = results["base"]
+    assert base["profile"]["ratio_mean"] == pytest.approx([1.0] * 3)  # no LoRA: the model is its own reference
+    assert base["score@3/plain"] == pytest.approx(base["score@3/renorm"])  # so renormalisation changes nothing
+    assert len(base["sensitivity"]["mean"]) == 3 and {"score@2/plain", "quality@2/renorm"} <= set(base)
+    assert (out / "norm_profile.png").is_file() and (out / "sensitivity.png").is_file()
+    assert "noise-to-signal" in capsys.readouterr().out

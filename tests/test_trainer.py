@@ -164,6 +164,15 @@ def test_evaluate_scores_held_out_prompts_with_fixed_seeds(tmp_path):
     assert list((tmp_path / "out" / "samples").glob("*.png"))
 
 
+def test_evaluate_at_several_step_counts(tmp_path):
+    args = tiny_config(tmp_path, num_images_to_log=0, eval_num_inference_steps=[4, 2])
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(),
+                             eval_dataset=shapes_dataset("test").select(range(6)), peft_config=lora())
+    metrics = trainer.evaluate()
+    assert metrics["eval_reward@4"] == metrics["eval_reward"]  # 4 is the training step count: same samples
+    assert "eval_reward@2" in metrics and "eval_rewards/shapes/mean@2" in metrics
+
+
 def test_repeat_sampler_keeps_groups_together():
     sampler = RepeatSampler(num_rows=6, num_generations=3, prompts_per_generation=2, repeat_count=2, seed=0)
     indices = list(sampler)

@@ -72,8 +72,8 @@ class FlowModelAdapter:
         """Shape of one sample's latents for an image of ``height x width`` pixels."""
         raise NotImplementedError
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents, without gradient."""
+    def decode(self, latents: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents; differentiable only with `requires_grad`."""
         raise NotImplementedError
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

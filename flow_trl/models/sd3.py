@@ -80,8 +80,8 @@ class SD3Adapter(FlowModelAdapter):
         z = vae.encode(x, return_dict=False)[0].mode()
         return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
         vae = self.pipe.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        with torch.set_grad_enabled(requires_grad):
+            z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)

@@ -206,6 +206,28 @@ def score_image(image: torch.Tensor | np.ndarray, meta: Metadata | str) -> dict[
     return {**score_objects(detect_objects(image), meta), "quality": quality(image)["quality"]}
 
 
+SOFT_COLOR_WIDTH = 0.15  # RGB distance scale of soft_color_reward's Gaussian kernel
+
+
+def soft_color_reward(prompts: list[str], images: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A differentiable reward for gradient diagnostics: how much of each colour the prompt names is in the image.
+
+    Per image, the mean over the prompt's colours (every palette colour if it names none) of the soft area fraction
+    ``mean_pixels exp(-|p - c|^2 / (2 w^2))`` (w = 0.15), times 10. Unlike `ShapesReward` it has a gradient with
+    respect to the pixels (and so, through the VAE, to the latents). Returns `[B]`.
+    """
+    palette = torch.tensor(list(PALETTE.values()), dtype=images.dtype, device=images.device)  # [K, 3]
+    pixels = images.permute(0, 2, 3, 1)  # [B, H, W, 3]
+    kernel = torch.exp(-((pixels[..., None, :] - palette) ** 2).sum(-1) / (2 * SOFT_COLOR_WIDTH**2))  # [B,H,W,K]
+    area = kernel.flatten(1, 2).mean(dim=1)  # [B, K]
+    rewards = []
+    for b, prompt in enumerate(prompts):
+        named = [o["color"] for o in parse_prompt(prompt)["objects"] if o["color"]]
+        index = [_COLOR_NAMES.index(c) for c in named] or list(range(len(_COLOR_NAMES)))
+        rewards.append(area[b, index].mean() * 10)
+    return torch.stack(rewards)
+
+
 def score_batch(images: torch.Tensor | np.ndarray, metas: list[Metadata | str]) -> dict[str, list]:
     """Score a batch: per-sample lists ``score``, ``strict``, ``quality`` and ``tag``."""
     images = _check_images(images).transpose(0, 3, 1, 2)

@@ -85,6 +85,9 @@ class FlowRLConfig(TrainingArguments):
 
     eval_seed (`int`, defaults to `0`):
         Seed of evaluation noise: prompt `i` of the eval dataset always gets seed `eval_seed + i`.
+    eval_num_inference_steps (`list[int]`, *optional*):
+        Also evaluate with each of these ODE step counts (e.g. `[28, 4]`), logged as `eval_reward@<steps>`: few-step
+        robustness, the NormGuard paper's Table 4.
     num_images_to_log (`int`, defaults to `16`):
         Evaluation samples saved as a grid (under `output_dir/samples/` and to image-capable loggers); `0` disables.
 
@@ -157,6 +160,9 @@ class FlowRLConfig(TrainingArguments):
 
     # evaluation and logging
     eval_seed: int = field(default=0, metadata={"help": "Eval prompt i always uses seed eval_seed + i."})
+    eval_num_inference_steps: list[int] | None = field(
+        default=None, metadata={"help": "Extra ODE step counts to evaluate with (logged as eval_reward@<steps>)."}
+    )
     num_images_to_log: int = field(default=16, metadata={"help": "Eval samples saved as an image grid; 0 disables."})
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]

@@ -486,7 +486,11 @@ class FlowRLTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Generate the eval prompts with fixed seeds (ODE, trained policy), score them, log means and a grid."""
+        """Generate the eval prompts with fixed seeds (ODE, trained policy), score them, log means and a grid.
+
+        With `eval_num_inference_steps`, the same prompts and seeds are also sampled with each of those step counts
+        and reported as ``<prefix>_reward@<steps>`` (few-step evaluation).
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (held-out prompts).")
@@ -494,6 +498,20 @@ class FlowRLTrainer(Trainer):
             raise ValueError("evaluate() scores samples with reward functions; pass `reward_funcs` to the trainer.")
         self.model.eval()
         rows = list(dataset)
+        scores, images = self._score_eval_rows(rows, self.sigmas)
+        metrics = self._eval_metrics(scores, metric_key_prefix, "")
+        for steps in self.args.eval_num_inference_steps or []:
+            grid = sigma_grid(steps, self.adapter.scheduler_shift)
+            metrics.update(self._eval_metrics(self._score_eval_rows(rows, grid)[0], metric_key_prefix, f"@{steps}"))
+        if self.args.num_images_to_log and self.accelerator.is_main_process and images:
+            self._save_samples(torch.cat(images)[: self.args.num_images_to_log])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _score_eval_rows(self, rows: list[dict[str, Any]], sigmas: torch.Tensor):
+        """ODE samples of the trained policy on `sigmas` for this process's share of `rows` (seed `eval_seed + i`),
+        scored by every reward function: (gathered scores `[N, num_rewards]`, this process's images)."""
         with self.accelerator.split_between_processes(list(range(len(rows)))) as mine:
             scores, images = [], []
             batch = self.args.per_device_eval_batch_size
@@ -509,20 +527,18 @@ class FlowRLTrainer(Trainer):
                     for k in idx
                 ])
                 out = rollout(lambda x, s: self.velocity(self.model, x, s, cond), noise,  # noqa: B023 (called here)
-                              self.sigmas.to(noise.device))
+                              sigmas.to(noise.device))
                 imgs = self.adapter.decode(out.latents)
                 columns = {key: [r[key] for r in sub] for key in sub[0] if key != "prompt"}
                 scores += compute_rewards(self.reward_funcs, prompts, imgs, columns, trainer_state=self.state).tolist()
                 images.append(imgs.cpu())
-        scores = torch.tensor(gather_object(scores), dtype=torch.float32)
+        return torch.tensor(gather_object(scores), dtype=torch.float32), images
+
+    def _eval_metrics(self, scores: torch.Tensor, prefix: str, suffix: str) -> dict[str, float]:
         metrics = {}
         for j, name in enumerate(self.reward_func_names):
-            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = scores[:, j].nanmean().item()
-        metrics[f"{metric_key_prefix}_reward"] = weighted_reward(scores, self.args.reward_weights).nanmean().item()
-        if self.args.num_images_to_log and self.accelerator.is_main_process and images:
-            self._save_samples(torch.cat(images)[: self.args.num_images_to_log])
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            metrics[f"{prefix}_rewards/{name}/mean{suffix}"] = scores[:, j].nanmean().item()
+        metrics[f"{prefix}_reward{suffix}"] = weighted_reward(scores, self.args.reward_weights).nanmean().item()
         return metrics
 
     def _save_samples(self, images: torch.Tensor) -> None:
