@@ -31,3 +31,15 @@ def test_infinite_reward_fails_clearly():
 def test_unknown_reward_name_fails_clearly():
     with pytest.raises(ValueError, match="Unknown reward 'pickscroe'"):
         resolve_reward_funcs(["pickscroe"])
+
+
+def test_builtin_shapes_rewards_score_ground_truth_and_quality():
+    from flow_trl.toy import render_batch
+
+    prompts = ["a photo of a red circle", "a photo of two squares"]
+    images = render_batch(prompts, [0, 1])
+    shapes, quality = resolve_reward_funcs(["shapes", "shapes_quality"])
+    assert shapes(prompts, images) == [1.0, 1.0]
+    assert quality.__name__ == "shapes_quality" and all(0.9 < q <= 1.0 for q in quality(prompts, images))
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert all(q < 0.1 for q in quality(prompts, noise))

@@ -29,9 +29,16 @@ def _shapes(strict: bool = False) -> RewardFunc:
     return ShapesReward(strict=strict)
 
 
+def _shapes_quality() -> RewardFunc:
+    from ..toy.scorer import shapes_quality
+
+    return shapes_quality
+
+
 BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
     "shapes": _shapes,
     "shapes_strict": functools.partial(_shapes, strict=True),
+    "shapes_quality": _shapes_quality,
 }
 
 

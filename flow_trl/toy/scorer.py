@@ -293,6 +293,15 @@ class ShapesReward:
         return rewards
 
 
+def shapes_quality(prompts: list[str], images: torch.Tensor, **kwargs) -> list[float]:
+    """The prompt-independent :func:`quality` of each image as a reward function (built-in name
+    ``"shapes_quality"``). With weight 0 in `reward_weights` it is only logged, so training curves show it."""
+    pixels = _check_images(images)
+    if len(pixels) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(pixels)} images; they must match.")
+    return [quality(image)["quality"] for image in pixels.transpose(0, 3, 1, 2)]
+
+
 def sanity_figures(num_per_family: int = 48, seed: int = 10_000) -> dict[str, float]:
     """Scorer sanity on held-out prompts: ground truth, blurred ground truth, noise, and another prompt's render."""
     from .evaluation import evaluation_rows
