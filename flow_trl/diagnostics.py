@@ -154,12 +154,20 @@ def pipeline_velocity_fns(pipe, prompts: list[str], guidance_scale: float = 1.0,
     return policy, reference
 
 
-def plot_norm_profiles(profiles: dict[str, dict], path: str | Path, title: str = "velocity norm per step") -> None:
-    """Figure-3-style plot: |v| per step for each named profile, with the reference's norm dashed."""
-    import matplotlib
-
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("The diagnostics plots need matplotlib: `pip install flow-trl[plots]`.") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_norm_profiles(profiles: dict[str, dict], path: str | Path, title: str = "velocity norm per step") -> None:
+    """Figure-3-style plot: |v| per step for each named profile, with the reference's norm dashed."""
+    plt = _pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (name, prof) in enumerate(profiles.items()):
@@ -181,10 +189,7 @@ def plot_norm_profiles(profiles: dict[str, dict], path: str | Path, title: str =
 
 def plot_sensitivity(stats: dict, sigmas: list[float], path: str | Path) -> None:
     """Figure-4-style plot: batch mean +- std of S(t) per step, and the noise-to-signal ratio (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
