@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .sampling import rollout
@@ -73,7 +74,7 @@ def velocity_norm_profile(policy: VelocityFn, reference: VelocityFn, noise: Tens
 
 
 def norm_scaling_sensitivity(velocity: VelocityFn, noise: Tensor, sigmas: Tensor,
-                             reward: Callable[[Tensor], Tensor]) -> Tensor:
+                             reward: Callable[[Tensor], Tensor], checkpoint_steps: bool = False) -> Tensor:
     """The adjoint norm-scaling sensitivity S(t) = v^T a(t) of eq. 5, per sample and step.
 
     The Euler ODE trajectory is unrolled with autograd and the reward `reward(final_latents) -> [B]` (decode inside
@@ -81,8 +82,9 @@ def norm_scaling_sensitivity(velocity: VelocityFn, noise: Tensor, sigmas: Tensor
     velocity by ``1 + eps`` changes the reward at first order by ``dR/deps_k = a_{k+1} . (sigma_{k+1} - sigma_k) v_k``;
     ``S_k = dR/deps_k / |sigma_{k+1} - sigma_k|`` is that change per unit time, the discretisation of eq. 5 in the
     paper's orientation (time from noise to data), so that ``sum_k S_k |dsigma_k|`` is the effect of scaling the
-    whole trajectory's velocity. Memory grows with the number of steps (fine for small models; use few prompts per
-    call for large ones).
+    whole trajectory's velocity. Memory grows with the number of steps; with ``checkpoint_steps=True`` each step's
+    forward is recomputed during the backward pass (`torch.utils.checkpoint`), so only the states are kept: use it
+    for large models.
 
     Returns:
         `Tensor`: `[B, N]` (fp64 for fp64 noise, else fp32).
@@ -92,7 +94,10 @@ def norm_scaling_sensitivity(velocity: VelocityFn, noise: Tensor, sigmas: Tensor
     states, velocities = [], []
     for k in range(len(sigmas) - 1):
         sigma = sigmas[k].expand(len(x))
-        v = velocity(x, sigma).to(dtype)
+        if checkpoint_steps:
+            v = torch.utils.checkpoint.checkpoint(velocity, x, sigma, use_reentrant=False).to(dtype)
+        else:
+            v = velocity(x, sigma).to(dtype)
         x = x + (sigmas[k + 1] - sigmas[k]) * v
         x.retain_grad()
         states.append(x)

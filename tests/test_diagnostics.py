@@ -66,6 +66,8 @@ def test_sensitivity_matches_a_finite_difference_of_scaling_one_step():
         dt = (sigmas[k] - sigmas[k + 1]).abs()
         # S_k |dsigma_k| is dR/deps for scaling step k's velocity by (1 + eps); tolerance 1e-6 relative (fp64)
         torch.testing.assert_close(sensitivity[:, k].double() * dt, finite_difference, rtol=1e-5, atol=1e-8)
+    checkpointed = norm_scaling_sensitivity(reference_fn, noise, sigmas, reward, checkpoint_steps=True)
+    torch.testing.assert_close(checkpointed, sensitivity)
     stats = sensitivity_stats(sensitivity)
     assert len(stats["mean"]) == 6 and all(v >= 0 for v in stats["noise_to_signal"])
 
