@@ -102,6 +102,23 @@ def slas_advantages(rewards: Tensor, num_generations: int, gamma: float, order: 
     return shaped / (shaped.std(unbiased=False) + eps)
 
 
+def adapt_slas_gamma(gamma: float, approx_kl: float, target_kl: float, factor: float = 1.1,
+                     max_gamma: float = 4.0) -> float:
+    """One step of a KL-targeted SLAS exponent (papers/slas.md appendix E: gamma is bounded by a trust region).
+
+    If the policy moved less than ``target_kl / 1.5`` since the last rollout, amplify (``gamma * factor``, or 0.05 from
+    0); if more than ``1.5 target_kl``, shrink (``gamma / factor``); otherwise keep it. Clamped to
+    ``[0, max_gamma]``.
+    """
+    if target_kl <= 0 or factor <= 1:
+        raise ValueError(f"target_kl must be positive and factor above 1; got {target_kl} and {factor}.")
+    if approx_kl < target_kl / 1.5:
+        gamma = max(gamma * factor, 0.05)
+    elif approx_kl > target_kl * 1.5:
+        gamma = gamma / factor
+    return min(max(gamma, 0.0), max_gamma)
+
+
 def clip_advantages(adv: Tensor, max_abs: float | None) -> Tensor:
     """Clamp advantages to ``[-max_abs, max_abs]`` (flow_grpo's `adv_clip_max`, 5); `None` returns them unchanged."""
     if max_abs is None:

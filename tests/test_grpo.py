@@ -109,3 +109,24 @@ def test_sde_mean_kl_matches_flow_grpo():
     std = (std_dev_t * (-dt).sqrt()).view(2, 1, 1, 1)
     expected = ((mean - ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)
     torch.testing.assert_close(sde_mean_kl(mean, ref, std, dt), expected)
+
+
+def test_kl_targeted_slas_gamma():
+    from flow_trl.advantages import adapt_slas_gamma
+
+    assert adapt_slas_gamma(1.0, approx_kl=1e-6, target_kl=1e-4) == pytest.approx(1.1)  # moving too little: amplify
+    assert adapt_slas_gamma(1.0, approx_kl=1e-3, target_kl=1e-4) == pytest.approx(1 / 1.1)  # too much: shrink
+    assert adapt_slas_gamma(1.0, approx_kl=1e-4, target_kl=1e-4) == 1.0
+    assert adapt_slas_gamma(0.0, approx_kl=0.0, target_kl=1e-4) == 0.05  # can leave 0
+    assert adapt_slas_gamma(3.9, approx_kl=0.0, target_kl=1e-4) == 4.0  # clamped
+
+
+def test_grpo_adapts_gamma_to_the_kl_target(tmp_path):
+    args = grpo_config(tmp_path, max_steps=2, advantage_shaping="slas", slas_gamma=1.0, slas_target_kl=1.0)
+    trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes",
+                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+    trainer.train()
+    assert trainer.args.slas_gamma == pytest.approx(1.1)  # one adaptation (before the second rollout), tiny KL
+    assert any("slas/gamma" in entry for entry in trainer.state.log_history)
+    with pytest.raises(ValueError, match="needs advantage_shaping='slas'"):
+        grpo_config(tmp_path, slas_target_kl=1e-3)

@@ -35,6 +35,11 @@ class DanceGRPOConfig(FlowRLConfig):
         All images of a group start from the same initial noise (DanceGRPO's `init_same_noise`); they then differ
         only by the SDE noise. Needs whole groups on each process (`per_device_train_batch_size *
         steps_per_generation` divisible by `num_generations`).
+    slas_target_kl (`float`, *optional*):
+        With `advantage_shaping="slas"`: adapt `slas_gamma` before each rollout to keep the mean `approx_kl` of the
+        previous rollout's updates within a factor 1.5 of this target (x1.1 when below, /1.1 when above, in
+        [0, 4]), the KL-coupled gamma appendix E suggests. The current gamma is logged as `slas/gamma`; a resumed run
+        restarts from the configured `slas_gamma`.
     kl_type (`str`, defaults to `"sde_mean"`):
         With `beta > 0`: `"sde_mean"`, Flow-GRPO's `mean_dims (mu - mu_ref)^2 (-dt) / (2 std^2)` between the two
         policies' step means, or `"velocity"`, `mean_dims (v - v_ref)^2`.
@@ -54,6 +59,9 @@ class DanceGRPOConfig(FlowRLConfig):
     same_initial_noise: bool = field(
         default=False, metadata={"help": "One initial noise per group (DanceGRPO's init_same_noise)."}
     )
+    slas_target_kl: float | None = field(
+        default=None, metadata={"help": "SLAS: adapt slas_gamma to keep approx_kl near this target (unset: fixed)."}
+    )
     kl_type: str = field(default="sde_mean", metadata={"help": "KL form with beta > 0: 'sde_mean' or 'velocity'."})
 
     def __post_init__(self):
@@ -70,6 +78,8 @@ class DanceGRPOConfig(FlowRLConfig):
             raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
         if self.clip_range <= 0:
             raise ValueError(f"clip_range must be positive; got {self.clip_range}.")
+        if self.slas_target_kl is not None and (self.slas_target_kl <= 0 or self.advantage_shaping != "slas"):
+            raise ValueError("slas_target_kl must be positive and needs advantage_shaping='slas'.")
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"kl_type must be one of {KL_TYPES}; got {self.kl_type!r}.")
         if self.same_initial_noise and (self.per_device_train_batch_size * self.steps_per_generation) % (

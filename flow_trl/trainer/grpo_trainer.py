@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..advantages import adapt_slas_gamma
 from ..sampling import step
 from .base_trainer import FlowRLTrainer
 from .grpo_config import DanceGRPOConfig
@@ -73,6 +74,7 @@ class DanceGRPOTrainer(FlowRLTrainer):
     """
 
     config_class = DanceGRPOConfig
+    _approx_kls: tuple[float, ...] = ()  # approx_kl of every loss chunk since the last rollout (for slas_target_kl)
     _tag_names = ["flow-trl", "diffusers", "text-to-image", "grpo"]
     _name = "GRPO"
     # docstyle-ignore
@@ -88,6 +90,16 @@ class DanceGRPOTrainer(FlowRLTrainer):
                 year    = {2025},
             }"""),
     }
+
+    def _before_generation(self) -> None:
+        """With `slas_target_kl`, adapt `slas_gamma` to the previous rollout's mean approx_kl."""
+        args, kls = self.args, self._approx_kls
+        self._approx_kls = ()
+        if args.slas_target_kl is None:
+            return
+        if kls:
+            args.slas_gamma = adapt_slas_gamma(args.slas_gamma, sum(kls) / len(kls), args.slas_target_kl)
+        self._metrics["train"]["slas/gamma"].append(args.slas_gamma)
 
     def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         """With `same_initial_noise`, one noise per group (groups are contiguous and whole on each process)."""
@@ -122,6 +134,7 @@ class DanceGRPOTrainer(FlowRLTrainer):
                    prev_sample=x_next)
         loss, metrics = grpo_clip_loss(out.log_prob, inputs["log_probs"][rows, s], inputs["advantages"],
                                        args.clip_range)
+        self._approx_kls = (*self._approx_kls, metrics["approx_kl"])
         v_ref = None
         if self._needs_reference():
             with torch.no_grad(), self.policy("ref") as ref:
