@@ -29,7 +29,7 @@ def main() -> None:
 
     from flow_trl.models import get_adapter
     from flow_trl.sampling import sigma_grid
-    from flow_trl.timesteps import flow_target, noise_latents, sample_training_sigmas
+    from flow_trl.timesteps import flow_matching_mse, flow_target, noise_latents, sample_training_sigmas
     from flow_trl.toy import evaluate_pipeline, load_shapes_pipeline, render_batch, split_prompts
 
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def main() -> None:
             noise = torch.randn(x0.shape, generator=generator)
             x_t = noise_latents(x0, sigmas[:, k], noise)
             v = adapter.predict(transformer, x_t, sigmas[:, k], cond).float()
-            loss = (v - flow_target(x0, noise)).pow(2).mean() / args.timesteps
+            loss = flow_matching_mse(v, flow_target(x0, noise)).mean() / args.timesteps
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -103,4 +103,9 @@ def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
     return noise.float() - x0.float()
 
 
-__all__ = ["TIMESTEP_SAMPLERS", "flow_target", "noise_latents", "sample_training_sigmas"]
+def flow_matching_mse(velocity: Tensor, target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-sample ``mean_dims (velocity - target)^2`` computed in `dtype` -> `[B]`."""
+    return (velocity.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
+
+
+__all__ = ["TIMESTEP_SAMPLERS", "flow_matching_mse", "flow_target", "noise_latents", "sample_training_sigmas"]

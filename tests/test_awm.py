@@ -24,7 +24,7 @@ def test_log_likelihood_matches_the_hand_formula(weighting):
     mse = ((v - target) ** 2).mean(dim=(1, 2, 3))
     p = 0.25
     expected = -sigma * ((mse + 1e-10) ** p - 1e-10**p) / p if weighting == "ghuber" else -mse
-    torch.testing.assert_close(flow_matching_log_likelihood(v, target, sigma, weighting, p), expected)
+    torch.testing.assert_close(flow_matching_log_likelihood(mse, sigma, weighting, p), expected)
 
 
 @pytest.mark.parametrize("weighting", ["ghuber", "uniform"])

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from flow_trl.sampling import sigma_grid
-from flow_trl.timesteps import TIMESTEP_SAMPLERS, flow_target, noise_latents, sample_training_sigmas
+from flow_trl.timesteps import (
+    TIMESTEP_SAMPLERS,
+    flow_matching_mse,
+    flow_target,
+    noise_latents,
+    sample_training_sigmas,
+)
 
 
 GRID = sigma_grid(10, shift=3.0)
@@ -69,3 +75,6 @@ def test_forward_process():
     torch.testing.assert_close(x_t[0], x0[0])
     torch.testing.assert_close(x_t[1], 0.75 * x0[1] + 0.25 * noise[1])
     torch.testing.assert_close(flow_target(x0, noise), noise - x0)
+    v = torch.randn(2, 3)
+    torch.testing.assert_close(flow_matching_mse(v, noise), ((v - noise) ** 2).mean(dim=1))
+    assert flow_matching_mse(v, noise, torch.float64).dtype == torch.float64

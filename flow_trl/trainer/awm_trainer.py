@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..regularizers import velocity_kl
-from ..timesteps import flow_target, noise_latents, sample_training_sigmas
+from ..timesteps import flow_matching_mse, flow_target, noise_latents, sample_training_sigmas
 from .awm_config import FlowAWMConfig
 from .base_trainer import FlowRLTrainer
 from .mixins import NormGuardMixin
@@ -19,15 +19,11 @@ _GHUBER_EPS = 1e-10  # mse^p has an infinite slope at 0 (algorithms.md 5, pitfal
 
 
 def flow_matching_log_likelihood(
-    v_theta: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, weighting: str = "ghuber", power: float = 0.25
+    mse: torch.Tensor, sigma: torch.Tensor, weighting: str = "ghuber", power: float = 0.25
 ) -> torch.Tensor:
-    """AWM's per-sample "log-likelihood" of a clean sample: minus its (robustly weighted) flow-matching error.
-
-    ``mse = mean_dims (v_theta - target)^2`` in fp64; ``"uniform"``: ``-mse``; ``"ghuber"``:
-    ``-sigma ((mse + 1e-10)^p - 1e-10^p) / p``. Returns `[B]` fp64.
+    """AWM's per-sample "log-likelihood" of a clean sample from its flow-matching error `mse` (`[B]`, fp64):
+    ``"uniform"``: ``-mse``; ``"ghuber"``: ``-sigma ((mse + 1e-10)^p - 1e-10^p) / p``. Returns `[B]` fp64.
     """
-    dims = tuple(range(1, v_theta.dim()))
-    mse = (v_theta.double() - target.double()).pow(2).mean(dims)
     if weighting == "uniform":
         return -mse
     if weighting == "ghuber":
@@ -46,26 +42,26 @@ def awm_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """AWM's policy loss (algorithms.md section 5), a pure function.
 
-    ``l = flow_matching_log_likelihood(...)``; the on-policy ratio ``exp(l - sg(l))`` is exactly 1 but carries the
-    gradient of `l`; ``loss = mean_b max(-A ratio, -A clip(ratio, 1 - c, 1 + c))``. Its gradient with respect to
-    `v_theta` is ``A t mse^(p - 1) grad(mse)`` (ghuber, up to the 1e-10) or ``A grad(mse)`` (uniform), divided by B:
-    positive advantages pull `v_theta` toward the flow target, negative ones push it away.
+    ``mse = mean_dims (v_theta - target)^2`` in fp64, ``l = flow_matching_log_likelihood(mse, ...)``; the on-policy
+    ratio ``exp(l - sg(l))`` is exactly 1 but carries the gradient of `l`;
+    ``loss = mean_b max(-A ratio, -A clip(ratio, 1 - c, 1 + c))``. Its gradient with respect to `v_theta` is
+    ``A t mse^(p - 1) grad(mse)`` (ghuber, up to the 1e-10) or ``A grad(mse)`` (uniform), divided by B: positive
+    advantages pull `v_theta` toward the flow target, negative ones push it away.
 
     Args:
         v_theta: trained velocity `[B, ...]` (with gradient). target: flow-matching target ``noise - x0``.
         sigma: `[B]` training sigmas. advantages: `[B]`, typically in [-1, 1].
         weighting, power: see `flow_matching_log_likelihood`. clip_range: PPO clip of the ratio.
     """
-    log_likelihood = flow_matching_log_likelihood(v_theta, target, sigma, weighting, power)
+    mse = flow_matching_mse(v_theta, target, torch.float64)
+    log_likelihood = flow_matching_log_likelihood(mse, sigma, weighting, power)
     ratio = torch.exp(log_likelihood - log_likelihood.detach())
     a = advantages.double()
     unclipped = -a * ratio
     clipped = -a * ratio.clamp(1 - clip_range, 1 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean().float()
-    dims = tuple(range(1, v_theta.dim()))
-    mse = (v_theta.detach().double() - target.double()).pow(2).mean(dims)
     metrics = {
-        "awm/mse": mse.mean().item(),
+        "awm/mse": mse.detach().mean().item(),
         "awm/log_likelihood": log_likelihood.detach().mean().item(),
         "awm/clip_frac": ((ratio.detach() - 1).abs() > clip_range).double().mean().item(),
     }
@@ -144,8 +140,7 @@ class FlowAWMTrainer(NormGuardMixin, FlowRLTrainer):
             loss = loss + ema_loss
             metrics["awm/ema_kl"] = ema_metrics["kl"]
         loss = loss + self.reference_terms(x_t, sigma, cond, v_theta)
-        for key, value in metrics.items():
-            self._metrics["train"][key].append(value)
+        self._log_train_metrics(metrics)
         return loss
 
 

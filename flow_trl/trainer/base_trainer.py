@@ -478,9 +478,13 @@ class FlowRLTrainer(Trainer):
             with torch.no_grad(), self.policy("ref") as ref:
                 v_ref = self.velocity(ref, latents, sigma, cond)
         loss, metrics = self._velocity_regularization(v, v_ref)
+        self._log_train_metrics(metrics)
+        return loss
+
+    def _log_train_metrics(self, metrics: dict[str, float]) -> None:
+        """Queue per-step training metrics; `log` averages them over the logging interval."""
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)
-        return loss
 
     # ---- evaluation --------------------------------------------------------------------------------------------
 

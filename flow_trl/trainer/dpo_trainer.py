@@ -12,7 +12,7 @@ from torch import nn
 from ..advantages import best_worst_pairs
 from ..models import cat_conditioning, index_conditioning
 from ..preference import LATENT_COLUMNS, check_preference_dataset, encode_preference_dataset, is_preference_dataset
-from ..timesteps import flow_target, noise_latents, sample_training_sigmas
+from ..timesteps import flow_matching_mse, flow_target, noise_latents, sample_training_sigmas
 from .base_trainer import FlowRLTrainer, RepeatSampler
 from .dpo_config import FlowDPOConfig
 from .mixins import NormGuardMixin
@@ -193,15 +193,13 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
         v_theta = self.velocity(model, x_t, sigma, cond)
         with torch.no_grad(), self.policy(self._dpo_reference) as reference:
             v_ref = self.velocity(reference, x_t, sigma, cond)
-        mse = (v_theta - target).pow(2).flatten(1).mean(dim=1)
-        ref_mse = (v_ref - target).pow(2).flatten(1).mean(dim=1)
+        mse, ref_mse = flow_matching_mse(v_theta, target), flow_matching_mse(v_ref, target)
         (mse_w, mse_l), (ref_w, ref_l) = mse.chunk(2), ref_mse.chunk(2)
         loss, metrics = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, self.args.dpo_beta, inputs["valid"])
         metrics.update({"dpo/mse_chosen": mse_w.mean().item(), "dpo/mse_rejected": mse_l.mean().item()})
         base_velocity = v_ref if self._dpo_reference == "ref" else None  # reuse the base forward when it is one
         loss = loss + self.reference_terms(x_t, sigma, cond, v_theta, v_ref=base_velocity)
-        for key, value in metrics.items():
-            self._metrics["train"][key].append(value)
+        self._log_train_metrics(metrics)
         return loss
 
 

@@ -146,8 +146,7 @@ class DanceGRPOTrainer(FlowRLTrainer):
             loss = loss + args.beta * kl
             metrics["kl"] = kl.item()
         loss = loss + self.reference_terms(x, sigma, cond, v, v_ref=v_ref)
-        for key, value in metrics.items():
-            self._metrics["train"][key].append(value)
+        self._log_train_metrics(metrics)
         return loss
 
 

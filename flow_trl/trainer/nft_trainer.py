@@ -125,8 +125,7 @@ class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
         r = advantage_to_r(inputs["advantages"], self.args.advantage_clip)
         loss, metrics = nft_loss(v_theta, v_old, x_t, x0, sigma, r, self.args.nft_beta, self.args.advantage_clip)
         loss = loss + self.reference_terms(x_t, sigma, cond, v_theta)
-        for key, value in metrics.items():
-            self._metrics["train"][key].append(value)
+        self._log_train_metrics(metrics)
         return loss
 
 
