@@ -8,6 +8,10 @@ called with keyword arguments: ``prompts``, ``images``, every other column of th
 image), and ``trainer_state``. Accept ``**kwargs`` to ignore what you do not use. A `None` (or NaN) entry abstains
 for that image: it is left out of that function's statistics and of the weighted sum (useful for multi-task
 rewards); an image on which every function abstains gets advantage 0. Infinite values are an error.
+
+Built-in reward models (one module per family; each is a `RewardModel`: lazy loading, input checks, batching,
+no gradient, ``device``/``dtype``/``batch_size`` arguments) are registered by name in `BUILTIN_REWARDS`; an
+``http(s)://`` URL names a `RemoteReward`. See docs/rewards.md.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from .base import RewardModel
+from .clip_based import AestheticScore, CLIPScore, PickScore
+from .compression import JPEGCompressibility, JPEGIncompressibility
+from .detection import DetectorReward
+from .ocr import OCRReward
+from .remote import RemoteReward
 
 
 RewardFunc = Callable[..., Any]
@@ -39,11 +50,19 @@ BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
     "shapes": _shapes,
     "shapes_strict": functools.partial(_shapes, strict=True),
     "shapes_quality": _shapes_quality,
+    "pickscore": PickScore,
+    "clipscore": CLIPScore,
+    "aesthetic": AestheticScore,
+    "ocr": OCRReward,
+    "geneval_owlv2": DetectorReward,
+    "jpeg_compressibility": JPEGCompressibility,
+    "jpeg_incompressibility": JPEGIncompressibility,
 }
 
 
 def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | str] | None) -> list[RewardFunc]:
-    """Turn callables, built-in names (see `BUILTIN_REWARDS`) or ``"package.module.function"`` paths into callables."""
+    """Turn callables, built-in names (see `BUILTIN_REWARDS`), reward server URLs (``"http://host:port/score"``, see
+    `RemoteReward`) or ``"package.module.function"`` paths into callables."""
     if reward_funcs is None:
         raise ValueError("`reward_funcs` is required: pass a callable, a built-in name such as 'shapes', or a list.")
     if callable(reward_funcs) or isinstance(reward_funcs, str):
@@ -54,6 +73,8 @@ def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | 
             resolved.append(func)
         elif isinstance(func, str) and func in BUILTIN_REWARDS:
             resolved.append(BUILTIN_REWARDS[func]())
+        elif isinstance(func, str) and func.startswith(("http://", "https://")):
+            resolved.append(RemoteReward(func))
         elif isinstance(func, str) and "." in func:
             module_name, _, attr = func.rpartition(".")
             try:
@@ -63,7 +84,8 @@ def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | 
         else:
             raise ValueError(
                 f"Unknown reward {func!r}. Built-in rewards: {', '.join(sorted(BUILTIN_REWARDS))}; "
-                "or pass a callable, or a dotted import path such as 'my_package.rewards.my_reward'."
+                "or a reward server URL (http://...), a callable, or a dotted import path such as "
+                "'my_package.rewards.my_reward'."
             )
     if not resolved:
         raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
@@ -121,7 +143,16 @@ def weighted_reward(rewards: torch.Tensor, weights: Sequence[float] | None = Non
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "AestheticScore",
+    "CLIPScore",
+    "DetectorReward",
+    "JPEGCompressibility",
+    "JPEGIncompressibility",
+    "OCRReward",
+    "PickScore",
+    "RemoteReward",
     "RewardFunc",
+    "RewardModel",
     "compute_rewards",
     "resolve_reward_funcs",
     "reward_func_name",
