@@ -6,10 +6,14 @@ import os
 from typing import Any
 
 from .base import Conditioning, FlowModelAdapter, cat_conditioning, index_conditioning
+from .flux import FluxAdapter
+from .flux2 import Flux2KleinAdapter
+from .packed import PackedLatentAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 
 
-ADAPTERS: tuple[type[FlowModelAdapter], ...] = (SD3Adapter,)
+ADAPTERS: tuple[type[FlowModelAdapter], ...] = (SD3Adapter, FluxAdapter, Flux2KleinAdapter, QwenImageAdapter)
 
 
 def get_adapter(pipe, max_sequence_length: int | None = None) -> FlowModelAdapter:
@@ -46,6 +50,10 @@ __all__ = [
     "ADAPTERS",
     "Conditioning",
     "FlowModelAdapter",
+    "Flux2KleinAdapter",
+    "FluxAdapter",
+    "PackedLatentAdapter",
+    "QwenImageAdapter",
     "SD3Adapter",
     "cat_conditioning",
     "get_adapter",

@@ -1,10 +1,12 @@
 """What a trainer needs from a text-to-image pipeline, independent of its family.
 
-A model adapter wraps one `diffusers` pipeline and answers five questions: how to encode prompts (once per unique
+A model adapter wraps one `diffusers` pipeline and answers six questions: how to encode prompts (once per unique
 prompt, with the negative prompt for CFG), how to predict the velocity at ``(latents, sigma, conditioning)`` with
-or without CFG, how to draw the initial noise, how to decode latents to images in [0, 1], and which modules LoRA
-targets by default. Conditioning is a ``dict[str, Tensor]`` with the batch on dim 0, so trainers can buffer,
-index and repeat it without knowing the family.
+or without guidance, how to draw the initial noise, which sigma grid the pipeline samples on at a resolution, how
+to decode latents to images in [0, 1], and which modules LoRA targets by default. Conditioning is a
+``dict[str, Tensor]`` with the batch on dim 0, so trainers can buffer, index and repeat it without knowing the
+family. Latents are whatever tensor the family's transformer consumes (``[B, C, H, W]`` for SD3, packed tokens
+``[B, L, D]`` for FLUX and Qwen-Image); only the adapter knows their layout.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+from ..sampling import sigma_grid
 
 
 Conditioning = dict[str, torch.Tensor]
@@ -52,6 +56,18 @@ class FlowModelAdapter:
     def scheduler_shift(self) -> float:
         """The static sigma shift of the pipeline's scheduler (1.0 when it has none)."""
         return float(self.pipe.scheduler.config.get("shift", 1.0))
+
+    def sigma_shift(self, height: int, width: int, num_inference_steps: int) -> float:
+        """The static shift ``s`` (``s u / (1 + (s - 1) u)``) the pipeline applies at this resolution and step count.
+
+        Trainers draw shifted training timesteps with it (`flow_trl.timesteps.sample_training_sigmas`). Static for
+        SD3; families with resolution-dependent shifting override it.
+        """
+        return self.scheduler_shift
+
+    def sigma_grid(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """The ``[N + 1]`` fp32 sampling grid (1 -> 0) for images of ``height x width`` (see `sampling.sigma_grid`)."""
+        return sigma_grid(num_inference_steps, self.sigma_shift(height, width, num_inference_steps))
 
     def default_max_sequence_length(self) -> int:
         raise NotImplementedError
@@ -95,10 +111,12 @@ class FlowModelAdapter:
         guidance_scale: float = 1.0,
         negative_cond: Conditioning | None = None,
     ) -> torch.Tensor:
-        """Velocity with classifier-free guidance ``v_u + g (v_c - v_u)`` when ``guidance_scale != 1``.
+        """Velocity with classifier-free guidance (`combine_guidance`) when ``guidance_scale != 1``.
 
-        The conditional and unconditional halves run as one batch (as the diffusers pipelines do), so rollout and
-        training see the same batch composition. `negative_cond` holds one row (broadcast) or one row per sample.
+        `guidance_scale` means what the pipeline's own `guidance_scale` (or `true_cfg_scale`) means; families whose
+        guidance is not CFG (FLUX.1's guidance embedding) override this method. The conditional and unconditional
+        halves run as one batch, so rollout and training see the same batch composition. `negative_cond` holds one
+        row (broadcast) or one row per sample.
         """
         if guidance_scale == 1.0:
             return self.predict(transformer, latents, sigma, cond)
@@ -110,6 +128,10 @@ class FlowModelAdapter:
         v_uncond, v_cond = self.predict(
             transformer, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both
         ).chunk(2)
+        return self.combine_guidance(v_uncond, v_cond, guidance_scale)
+
+    def combine_guidance(self, v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance ``v_u + g (v_c - v_u)``; families whose pipeline combines otherwise override it."""
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
     def initial_noise(

@@ -48,16 +48,18 @@ def diagnose_pipeline(pipe, rows: list[dict[str, Any]], steps: list[int], sensit
     """Profile, score with/without renormalisation per step count, and S(t) statistics of one pipeline."""
     from ..diagnostics import norm_scaling_sensitivity, renormalized, sensitivity_stats, velocity_norm_profile
     from ..models import get_adapter
-    from ..sampling import rollout, sigma_grid
+    from ..sampling import rollout
     from ..toy.scorer import aggregate, score_batch, soft_color_reward
 
     adapter = get_adapter(pipe)
-    shift = adapter.scheduler_shift
+    size = adapter.default_resolution
     policy, reference = _velocity_fns(pipe, rows)
     noise = _noise(adapter, rows)
-    result: dict[str, Any] = {"profile": velocity_norm_profile(policy, reference, noise, sigma_grid(steps[0], shift))}
+    result: dict[str, Any] = {
+        "profile": velocity_norm_profile(policy, reference, noise, adapter.sigma_grid(steps[0], size, size))
+    }
     for n in steps:
-        grid = sigma_grid(n, shift)
+        grid = adapter.sigma_grid(n, size, size)
         for name, fn in (("plain", policy), ("renorm", renormalized(policy, reference))):
             with torch.no_grad():
                 images = adapter.decode(rollout(fn, noise, grid).latents)
@@ -71,7 +73,8 @@ def diagnose_pipeline(pipe, rows: list[dict[str, Any]], steps: list[int], sensit
     def reward(latents: torch.Tensor) -> torch.Tensor:
         return soft_color_reward(prompts, adapter.decode(latents, requires_grad=True))
 
-    sensitivity = norm_scaling_sensitivity(policy_s, noise[: len(picked)], sigma_grid(steps[0], shift), reward)
+    grid = adapter.sigma_grid(steps[0], size, size)
+    sensitivity = norm_scaling_sensitivity(policy_s, noise[: len(picked)], grid, reward)
     result["sensitivity"] = sensitivity_stats(sensitivity.detach())
     return result
 

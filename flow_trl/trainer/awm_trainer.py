@@ -121,7 +121,7 @@ class FlowAWMTrainer(NormGuardMixin, FlowRLTrainer):
         args = self.args
         latents = inputs["latents"]
         sigmas = sample_training_sigmas(args.timestep_sampler, len(latents), args.num_train_timesteps, self.sigmas,
-                                        generator, shift=self.adapter.scheduler_shift)
+                                        generator, shift=self.sigma_shift)
         advantages = inputs["advantages"] / args.advantage_clip * args.advantage_max
         return {**inputs, "advantages": advantages, **self._forward_process_noise(latents, sigmas, generator)}
 

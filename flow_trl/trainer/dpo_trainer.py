@@ -176,7 +176,7 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
         """Training inputs of `P` pairs: the pair's prompt, its two latents, and sigmas/noise shared within it."""
         args = self.args
         sigmas = sample_training_sigmas(args.timestep_sampler, len(pairs), args.num_train_timesteps, self.sigmas,
-                                        generator, shift=self.adapter.scheduler_shift, shared=False)
+                                        generator, shift=self.sigma_shift, shared=False)
         return {"cond": cond, "latents": pairs, "valid": valid,
                 **self._forward_process_noise(pairs[:, 0], sigmas, generator)}
 
