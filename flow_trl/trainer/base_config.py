@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
@@ -92,6 +94,9 @@ class FlowRLConfig(TrainingArguments):
         Evaluation samples saved as a grid (under `output_dir/samples/` and to image-capable loggers); `0` disables.
 
     > [!NOTE]
+    > Launched with several processes (`WORLD_SIZE > 1`) on a machine without accelerators, `use_cpu` is switched
+    > on, so `accelerate launch --multi_gpu --num_processes 2 ...` trains on 2 CPU processes (see
+    > docs/distributed.md).
     > Defaults that differ from `TrainingArguments`: `learning_rate=3e-4`, `weight_decay=1e-4`, `logging_steps=10`,
     > `remove_unused_columns=False` (extra dataset columns reach the reward functions), `gradient_checkpointing`
     > is applied with diffusers' `enable_gradient_checkpointing`. Precision follows `bf16`/`fp16` only (fp32 on CPU).
@@ -168,6 +173,10 @@ class FlowRLConfig(TrainingArguments):
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     def __post_init__(self):
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # `accelerate launch --multi_gpu --num_processes N` on a machine without accelerators: train on CPU
+            # processes (gloo) instead of N copies of a single-process run
+            self.use_cpu = True
         super().__post_init__()
         if self.auto_find_batch_size:
             raise ValueError(

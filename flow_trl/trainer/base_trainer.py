@@ -36,6 +36,7 @@ from ..regularizers import velocity_kl, velocity_norm_ratio
 from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
 from ..sampling import rollout
 from .base_config import FlowRLConfig
+from .callbacks import use_diffusers_callbacks
 from .utils import soft_update_decay
 
 
@@ -190,19 +191,21 @@ class FlowRLTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        use_diffusers_callbacks(self.callback_handler)
         self.compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         for module in self.adapter.frozen_modules():
             module.to(self.accelerator.device)
         for module in self._policy_models.values():
             module.to(self.accelerator.device)
         self.sigmas = self.adapter.sigma_grid(args.num_inference_steps, self.resolution, self.resolution)
-        # the static shift of training-timestep draws (the family's resolution-dependent one for FLUX/Qwen-Image)
+        # the static shift the pipeline applies at this resolution, for the trainers' training-timestep draws
         self.sigma_shift = self.adapter.sigma_shift(self.resolution, self.resolution, args.num_inference_steps)
         self._negative_cond = None
         if args.guidance_scale != 1.0:
             self._negative_cond = self.adapter.encode_prompts([""])
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffered_inputs: list[dict[str, Any]] | None = None
+        self._num_rollouts = 0
         self._step = 0
 
     @classmethod
@@ -420,6 +423,7 @@ class FlowRLTrainer(Trainer):
         if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
             self._before_generation()
             inputs = self._generate_and_score(generation_batch)
+            self._num_rollouts += 1
             order = torch.randperm(len(inputs["latents"]), generator=self._rollout_generator(salt=1))
             self._buffered_inputs = _split(inputs, order, args.steps_per_generation)
         return self._buffered_inputs[self._step % args.steps_per_generation]
@@ -556,9 +560,12 @@ class FlowRLTrainer(Trainer):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_grid(images, path, ncols=min(8, len(images)))
         for callback in self.callback_handler.callbacks:
-            writer = getattr(callback, "tb_writer", None)
+            writer = getattr(callback, "tb_writer", None)  # TensorBoardCallback
             if writer is not None:
                 writer.add_images("eval/samples", images, self.state.global_step)
+            wandb = getattr(callback, "_wandb", None)  # WandbCallback
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.log({"eval/samples": wandb.Image(str(path)), "train/global_step": self.state.global_step})
 
     # ---- logging -----------------------------------------------------------------------------------------------
 
@@ -569,6 +576,38 @@ class FlowRLTrainer(Trainer):
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
+        if "reward" in metrics:
+            for callback in self.callback_handler.callbacks:  # the current reward next to the progress bar
+                bar = getattr(callback, "training_bar", None)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{metrics['reward']:.4f}", refresh=False)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then an end-of-training summary on the main process (see `training_summary`)."""
+        output = super().train(*args, **kwargs)
+        if self.is_world_process_zero() and not self.args.disable_tqdm:
+            print(format_training_summary(self.training_summary()))
+        return output
+
+    def training_summary(self) -> dict[str, Any]:
+        """What the run did: steps, images generated, and the first and last logged value of the reward (total and
+        per function), of the evaluation reward and of `velocity_norm_ratio`."""
+        history = self.state.log_history
+        summary: dict[str, Any] = {
+            "algorithm": self._name,
+            "steps": self.state.global_step,
+            "images_generated": self._num_rollouts * self.args.generation_batch_size,
+            "output_dir": self.args.output_dir,
+        }
+        keys = ["reward", *(f"rewards/{n}/mean" for n in self.reward_func_names), "eval_reward", "velocity_norm_ratio"]
+        for key in keys:
+            values = [entry[key] for entry in history if key in entry]
+            if values:
+                summary[key] = (values[0], values[-1])
+        runtime = [entry["train_runtime"] for entry in history if "train_runtime" in entry]
+        if runtime:
+            summary["train_runtime_s"] = runtime[-1]
+        return summary
 
     # ---- saving and resuming -----------------------------------------------------------------------------------
 
@@ -739,6 +778,18 @@ class FlowRLTrainer(Trainer):
                     for a in self._policy_adapters:
                         for n, p in self._policy_models[a].named_parameters():
                             p.copy_(saved[f"{a}.{n}"])
+
+
+def format_training_summary(summary: dict[str, Any]) -> str:
+    """A few readable lines of `FlowRLTrainer.training_summary`."""
+    lines = [f"{summary['algorithm']} training finished: {summary['steps']} steps, "
+             f"{summary['images_generated']} images generated"
+             + (f", {summary['train_runtime_s']:.0f} s" if "train_runtime_s" in summary else "")]
+    for key, value in summary.items():
+        if isinstance(value, tuple):
+            lines.append(f"  {key:<32}{value[0]:>9.4f} -> {value[1]:.4f}  (first -> last logged)")
+    lines.append(f"  saved to {summary['output_dir']}/")
+    return "\n".join(lines)
 
 
 def _without_tokens(args: FlowRLConfig) -> FlowRLConfig:
