@@ -59,7 +59,8 @@ def test_groups_stay_whole_and_advantages_match_one_process(records):
             # each process trains on its own samples' rewards ...
             assert rollouts[k][i]["rewards"] == pytest.approx(calls[k][i]["rewards"])
         # ... with the advantages a single process computes on the whole rollout
-        expected = clip_advantages(group_advantages(rewards, 4, records[0]["scale_rewards"]), records[0]["advantage_clip"])
+        scale, clip = records[0]["scale_rewards"], records[0]["advantage_clip"]
+        expected = clip_advantages(group_advantages(rewards, 4, scale), clip)
         local = torch.tensor(rollouts[0][i]["advantages"] + rollouts[1][i]["advantages"])
         torch.testing.assert_close(local, expected, atol=1e-6, rtol=0)
 

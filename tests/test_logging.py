@@ -44,8 +44,8 @@ def run(tmp_path_factory):
     )
     wandb, recorder = FakeWandbCallback(), PostfixRecorder()
     trainer = FlowNFTTrainer(
-        str(SHAPES_PIPELINE_DIR), args=args, reward_funcs="shapes", train_dataset=shapes_dataset("train").select(range(8)),
-        eval_dataset=shapes_dataset("test").select(range(4)), callbacks=[wandb, recorder],
+        str(SHAPES_PIPELINE_DIR), args=args, reward_funcs="shapes", callbacks=[wandb, recorder],
+        train_dataset=shapes_dataset("train").select(range(8)), eval_dataset=shapes_dataset("test").select(range(4)),
         peft_config=LoraConfig(r=4, lora_alpha=8),
     )
     recorder.progress = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ProgressCallback")
