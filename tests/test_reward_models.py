@@ -346,3 +346,10 @@ def test_column_length_mismatch_fails_clearly():
 
     with pytest.raises(ValueError, match="Column 'objects' has 1 entries for 2 prompts"):
         DetectorReward(model="/nonexistent")(["a", "b"], torch.rand(2, 3, 8, 8), objects=[[]])
+
+
+def test_dotted_path_to_a_reward_class_gives_an_instance():
+    from flow_trl.rewards import JPEGCompressibility, resolve_reward_funcs
+
+    (reward,) = resolve_reward_funcs(["flow_trl.rewards.JPEGCompressibility"])
+    assert isinstance(reward, JPEGCompressibility)

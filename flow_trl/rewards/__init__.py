@@ -62,7 +62,8 @@ BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
 
 def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | str] | None) -> list[RewardFunc]:
     """Turn callables, built-in names (see `BUILTIN_REWARDS`), reward server URLs (``"http://host:port/score"``, see
-    `RemoteReward`) or ``"package.module.function"`` paths into callables."""
+    `RemoteReward`) or ``"package.module.function"`` paths into callables (a dotted path to a class gives an instance
+    with default arguments)."""
     if reward_funcs is None:
         raise ValueError("`reward_funcs` is required: pass a callable, a built-in name such as 'shapes', or a list.")
     if callable(reward_funcs) or isinstance(reward_funcs, str):
@@ -78,9 +79,10 @@ def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | 
         elif isinstance(func, str) and "." in func:
             module_name, _, attr = func.rpartition(".")
             try:
-                resolved.append(getattr(importlib.import_module(module_name), attr))
+                imported = getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError) as err:
                 raise ValueError(f"Cannot import the reward function {func!r}: {err}") from None
+            resolved.append(imported() if isinstance(imported, type) else imported)  # a class: its default instance
         else:
             raise ValueError(
                 f"Unknown reward {func!r}. Built-in rewards: {', '.join(sorted(BUILTIN_REWARDS))}; "
