@@ -118,6 +118,14 @@ class DanceGRPOTrainer(FlowRLTrainer):
     def _num_loss_chunks(self, inputs: dict[str, Any]) -> int:
         return inputs["train_steps"].shape[1]
 
+    @staticmethod
+    def _transition_advantages(inputs: dict[str, Any], rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Advantages `[B]` of the trained transitions `steps` (indices into the recorded ones, one per row): the
+        sample's advantage when `inputs["advantages"]` is `[B]` (GRPO), the step's when it is `[B, S]` (per-step
+        advantages, e.g. [`StepGRPOTrainer`])."""
+        advantages = inputs["advantages"]
+        return advantages[rows, steps] if advantages.dim() == 2 else advantages
+
     def _velocity_kl_coef(self) -> float:
         return self.args.beta if self.args.kl_type == "velocity" else 0.0
 
@@ -132,8 +140,8 @@ class DanceGRPOTrainer(FlowRLTrainer):
         v = self.velocity(model, x, sigma, cond)
         out = step(args.sde_type, x, v, sigma, sigma_next, args.noise_level, sigma_max=float(sigmas[1]),
                    prev_sample=x_next)
-        loss, metrics = grpo_clip_loss(out.log_prob, inputs["log_probs"][rows, s], inputs["advantages"],
-                                       args.clip_range)
+        loss, metrics = grpo_clip_loss(out.log_prob, inputs["log_probs"][rows, s],
+                                       self._transition_advantages(inputs, rows, s), args.clip_range)
         self._approx_kls = (*self._approx_kls, metrics["approx_kl"])
         v_ref = None
         if self._needs_reference():
