@@ -24,12 +24,20 @@ _LAZY = {
     "FlowAWMTrainer": "flow_trl.trainer",
     "FlowDPOConfig": "flow_trl.trainer",
     "FlowDPOTrainer": "flow_trl.trainer",
+    "DRMConfig": "flow_trl.trainer",
+    "DRMTrainer": "flow_trl.trainer",
+    "StepGRPOConfig": "flow_trl.trainer",
+    "StepGRPOTrainer": "flow_trl.trainer",
+    "DiffusionRewardModel": "flow_trl.drm",
 }
 
 if TYPE_CHECKING:
+    from .drm import DiffusionRewardModel
     from .trainer import (
         DanceGRPOConfig,
         DanceGRPOTrainer,
+        DRMConfig,
+        DRMTrainer,
         FlowAWMConfig,
         FlowAWMTrainer,
         FlowDPOConfig,
@@ -39,6 +47,8 @@ if TYPE_CHECKING:
         FlowRLConfig,
         FlowRLTrainer,
         NormGuardMixin,
+        StepGRPOConfig,
+        StepGRPOTrainer,
     )
 
 
@@ -51,6 +61,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DanceGRPOConfig",
     "DanceGRPOTrainer",
+    "DRMConfig",
+    "DRMTrainer",
+    "DiffusionRewardModel",
     "FlowAWMConfig",
     "FlowAWMTrainer",
     "FlowDPOConfig",
@@ -60,5 +73,7 @@ __all__ = [
     "FlowRLConfig",
     "FlowRLTrainer",
     "NormGuardMixin",
+    "StepGRPOConfig",
+    "StepGRPOTrainer",
     "__version__",
 ]

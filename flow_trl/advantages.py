@@ -69,6 +69,48 @@ def group_advantages(rewards: Tensor, num_generations: int, scale: str = "group"
     return torch.where(valid, advantages, torch.zeros_like(advantages)).view(-1)
 
 
+STEP_ADVANTAGE_MODES = ("score", "gain")
+
+
+def step_advantages(scores_after: Tensor, num_generations: int, mode: str = "score",
+                    scores_before: Tensor | None = None, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Per-step group-relative advantages from a step scorer (Step-GRPO, reference/algorithms.md 8.3).
+
+    Every step ``j`` is normalised on its own, within each group (`group_advantages` per column):
+
+    - ``"score"`` (option A): the score of the state reached, ``R_j = DRM(x_{j+1})``;
+    - ``"gain"`` (option B): the score gained by the step, ``g_j = DRM(x_{j+1}) - DRM(x_j)``.
+
+    Args:
+        scores_after (`Tensor`): `[N, S]` scores of the states after each of the S recorded steps.
+        num_generations (`int`): group size G (groups are contiguous blocks of rows).
+        mode (`str`, defaults to `"score"`): one of `STEP_ADVANTAGE_MODES`.
+        scores_before (`Tensor`, *optional*): `[N, S]` scores of the states before each step (needed by `"gain"`).
+        scale (`str`, defaults to `"group"`), eps (`float`, defaults to `1e-4`): as in `group_advantages`.
+
+    Returns:
+        `Tensor`: `[N, S]` fp32 advantages.
+    """
+    if mode not in STEP_ADVANTAGE_MODES:
+        raise ValueError(f"mode must be one of {STEP_ADVANTAGE_MODES}; got {mode!r}.")
+    if scores_after.ndim != 2:
+        raise ValueError(f"scores_after must be [N, S] (samples x steps); got shape {tuple(scores_after.shape)}.")
+    if mode == "gain":
+        if scores_before is None or scores_before.shape != scores_after.shape:
+            raise ValueError("mode='gain' needs scores_before with the shape of scores_after.")
+        scores_after = scores_after - scores_before
+    columns = [group_advantages(scores_after[:, j], num_generations, scale, eps) for j in range(scores_after.shape[1])]
+    return torch.stack(columns, dim=1)
+
+
+def mix_advantages(step_adv: Tensor, terminal_adv: Tensor, terminal_weight: float) -> Tensor:
+    """``(1 - w) A_step + w A_terminal`` with the terminal advantage `[N]` broadcast over the steps of `[N, S]`
+    (w = 0: per-step only; w = 1: GRPO's terminal advantage on every step)."""
+    if not 0 <= terminal_weight <= 1:
+        raise ValueError(f"terminal_weight must be in [0, 1]; got {terminal_weight}.")
+    return (1 - terminal_weight) * step_adv + terminal_weight * terminal_adv.float()[:, None]
+
+
 SHAPINGS = ("none", "slas")
 SLAS_ORDERS = ("normalize_then_shape", "shape_then_normalize")
 

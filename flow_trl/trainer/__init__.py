@@ -6,16 +6,22 @@ from .base_config import FlowRLConfig
 from .base_trainer import FlowRLTrainer, RepeatSampler
 from .dpo_config import FlowDPOConfig
 from .dpo_trainer import FlowDPOTrainer, diffusion_dpo_loss
+from .drm_config import DRMConfig
+from .drm_trainer import DRMTrainer, bradley_terry_loss, thurstone_loss
 from .grpo_config import DanceGRPOConfig
 from .grpo_trainer import DanceGRPOTrainer, grpo_clip_loss
 from .mixins import NormGuardMixin
 from .nft_config import FlowNFTConfig
 from .nft_trainer import FlowNFTTrainer, nft_loss
+from .step_grpo_config import StepGRPOConfig
+from .step_grpo_trainer import StepGRPOTrainer
 
 
 __all__ = [
     "DanceGRPOConfig",
     "DanceGRPOTrainer",
+    "DRMConfig",
+    "DRMTrainer",
     "FlowAWMConfig",
     "FlowAWMTrainer",
     "FlowDPOConfig",
@@ -26,8 +32,12 @@ __all__ = [
     "FlowRLTrainer",
     "NormGuardMixin",
     "RepeatSampler",
+    "StepGRPOConfig",
+    "StepGRPOTrainer",
     "awm_loss",
+    "bradley_terry_loss",
     "diffusion_dpo_loss",
     "grpo_clip_loss",
     "nft_loss",
+    "thurstone_loss",
 ]

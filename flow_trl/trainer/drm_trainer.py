@@ -1,0 +1,313 @@
+"""`DRMTrainer`: trains a [`DiffusionRewardModel`] on preference pairs at random noise levels (TRL RewardTrainer-like).
+
+Each pair ``(prompt, chosen, rejected)`` is noised with one shared sigma and noise, both latents are scored at that
+sigma, and the Bradley-Terry or the noise-calibrated Thurstone loss pushes the chosen score above the rejected one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from ..drm.model import DiffusionRewardModel
+from ..models import cat_conditioning, get_adapter, load_pipeline
+from ..preference import LATENT_COLUMNS, encode_preference_dataset
+from ..timesteps import noise_latents
+from .drm_config import DRMConfig
+
+
+TRAINABLE_STATE_FILE = "drm_trainable.safetensors"
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """``mean(-log sigmoid(s_w - s_l))``."""
+    return -F.logsigmoid(chosen.float() - rejected.float()).mean()
+
+
+def thurstone_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, sigma: torch.Tensor, base_var: float = 0.05
+) -> torch.Tensor:
+    """DiNa-LRM's noise-calibrated Thurstone fidelity loss: ``mean(1 - sqrt(p + 1e-6))`` with
+    ``p = Phi((s_w - s_l) / sqrt(2 var))`` and ``var = 2 sigma^2 + base_var``: the noisier the pair, the larger the
+    assumed score noise, so a noisy pair's preference counts less."""
+    var = 2 * sigma.float() ** 2 + base_var
+    p = 0.5 * (1 + torch.erf((chosen.float() - rejected.float()) / torch.sqrt(2 * var) / math.sqrt(2)))
+    return (1 - torch.sqrt(p + 1e-6)).mean()
+
+
+def pairwise_correct(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """1 where the chosen score is higher, 0.5 on a tie (e.g. at sigma 1, where a pair's shared-noise latents are the
+    same), 0 otherwise."""
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
+def accuracy_by_bucket(
+    correct: torch.Tensor, sigma: torch.Tensor, num_buckets: int, low: float = 0.0, high: float = 1.0
+) -> dict[str, float]:
+    """Mean of `correct` per equal-width sigma bucket of ``[low, high]`` (empty buckets are left out)."""
+    width = max(high - low, 1e-8) / num_buckets
+    bucket = ((sigma.float() - low) / width).floor().clamp(0, num_buckets - 1).long()
+    out = {}
+    for b in range(num_buckets):
+        mask = bucket == b
+        if mask.any():
+            out[f"accuracy/sigma_{low + b * width:.2f}-{low + (b + 1) * width:.2f}"] = (
+                correct[mask].float().mean().item()
+            )
+    return out
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every LoRA layer merged into its base weight (keys as without LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                delta = module.get_delta_weight(adapter)
+                key = f"{name}.base_layer.weight"
+                deltas[key] = deltas[key] + delta if key in deltas else delta
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = (value + deltas[key].to(value.dtype)) if key in deltas else value
+    return state
+
+
+class DRMTrainer(Trainer):
+    """Trainer of a diffusion-based reward model (DRM, [papers/drm_summary.md]) on preference pairs.
+
+    Example:
+
+    ```python
+    from flow_trl import DRMConfig, DRMTrainer
+    from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_preference_dataset
+
+    trainer = DRMTrainer(
+        model=str(SHAPES_PIPELINE_DIR),                 # the generator: its text encoders, VAE and first K blocks
+        args=DRMConfig(output_dir="shapes-drm", num_blocks=2),
+        train_dataset=shapes_preference_dataset("train"),
+    )
+    trainer.train()
+    trainer.save_model()                                # DiffusionRewardModel.from_pretrained("shapes-drm")
+    ```
+
+    Args:
+        model (`str` or `DiffusionPipeline`): the generator being aligned (SD3 family), as an id, path or pipeline.
+            Its text encoders and VAE encode the data; unless `reward_model` is given, the DRM is built from its
+            transformer's first `args.num_blocks` blocks.
+        args ([`DRMConfig`], *optional*): the configuration.
+        train_dataset, eval_dataset (`datasets.Dataset`): preference pairs: `prompt` and either `chosen`/`rejected`
+            images (PIL, paths or arrays; encoded once through the VAE) or `chosen_latents`/`rejected_latents`.
+        reward_model ([`DiffusionRewardModel`] or `str`, *optional*): a DRM (or its path) to train instead.
+        peft_config (`peft.LoraConfig`, *optional*): train a LoRA on the backbone (the head is always fully trained;
+            default targets: the attention projections). Without it, the whole DRM is trained.
+        callbacks, optimizers: as in `Trainer`.
+    """
+
+    _tag_names = ["flow-trl", "diffusers", "reward-model", "drm"]
+    _name = "DRM"
+
+    def __init__(
+        self,
+        model,
+        args: DRMConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        reward_model: DiffusionRewardModel | str | None = None,
+        peft_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+    ):
+        if args is None:
+            args = DRMConfig(output_dir="drm")
+        elif not isinstance(args, DRMConfig):
+            raise TypeError(f"`args` must be a DRMConfig, got {type(args).__name__}.")
+        self.pipe = load_pipeline(model, args.model_init_kwargs)
+        self.adapter = get_adapter(self.pipe, args.max_sequence_length)
+        for module in self.adapter.frozen_modules():
+            module.requires_grad_(False).eval()
+        if reward_model is None:
+            drm = DiffusionRewardModel.from_transformer(self.adapter.transformer, args.num_blocks, args.head_dim)
+        elif isinstance(reward_model, DiffusionRewardModel):
+            drm = reward_model
+        else:
+            drm = DiffusionRewardModel.from_pretrained(reward_model)
+        self.is_lora = peft_config is not None
+        if self.is_lora:
+            if peft_config.target_modules is None:
+                import copy
+
+                peft_config = copy.deepcopy(peft_config)
+                peft_config.target_modules = set(self.adapter.default_lora_target_modules)
+            drm.requires_grad_(False)
+            drm.add_adapter(peft_config)
+            for name, param in drm.named_parameters():
+                if name.startswith("head_"):
+                    param.requires_grad_(True)
+        self.resolution = args.resolution or self.adapter.default_resolution
+        train_dataset, eval_dataset = (
+            self._encode(d) if d is not None else None for d in (train_dataset, eval_dataset)
+        )
+        super().__init__(
+            model=drm,
+            args=args,
+            data_collator=self._collate,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        for module in self.adapter.frozen_modules():
+            module.to(self.accelerator.device)
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _encode(self, dataset):
+        return encode_preference_dataset(
+            dataset,
+            self.adapter.encode_images,
+            self.resolution,
+            model_key=str(self.pipe.config.get("_name_or_path", "")),
+        )
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["prompt", *LATENT_COLUMNS]
+
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack the pair latents and encode each distinct prompt once."""
+        prompts = [r["prompt"] for r in rows]
+        unique = list(dict.fromkeys(prompts))
+        cond = self.adapter.encode_prompts(unique)
+        index = torch.tensor([unique.index(p) for p in prompts], device=next(iter(cond.values())).device)
+        return {
+            "chosen": torch.stack([torch.as_tensor(r[LATENT_COLUMNS[0]]) for r in rows]).float(),
+            "rejected": torch.stack([torch.as_tensor(r[LATENT_COLUMNS[1]]) for r in rows]).float(),
+            "cond": {k: v[index] for k, v in cond.items()},
+        }
+
+    def score_pairs(
+        self, model: nn.Module, inputs: dict[str, Any], sigma: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the chosen and rejected latents, both noised with the same `sigma` ``[B]`` and `noise`, in one
+        forward."""
+        noisy = torch.cat(
+            [noise_latents(inputs["chosen"], sigma, noise), noise_latents(inputs["rejected"], sigma, noise)]
+        )
+        cond = cat_conditioning([inputs["cond"], inputs["cond"]])
+        scores = model(noisy, torch.cat([sigma, sigma]), cond)
+        return scores.chunk(2)
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
+    ):
+        args = self.args
+        chosen = inputs["chosen"]
+        sigma = args.sigma_min + (args.sigma_max - args.sigma_min) * torch.rand(len(chosen), device=chosen.device)
+        noise = torch.randn_like(chosen)
+        s_w, s_l = self.score_pairs(model, inputs, sigma, noise)
+        if args.loss_type == "thurstone":
+            loss = thurstone_loss(s_w, s_l, sigma, args.thurstone_base_var)
+        else:
+            loss = bradley_terry_loss(s_w, s_l)
+        correct = pairwise_correct(s_w.detach(), s_l.detach())
+        metrics = {
+            "accuracy": correct.float().mean().item(),
+            "margin": (s_w - s_l).detach().mean().item(),
+            **accuracy_by_bucket(correct, sigma, args.num_sigma_buckets, args.sigma_min, args.sigma_max),
+        }
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+        return (loss, {"chosen_scores": s_w, "rejected_scores": s_l}) if return_outputs else loss
+
+    @torch.no_grad()
+    def accuracy_by_sigma(self, dataset=None, sigmas: list[float] | None = None) -> dict[float, float]:
+        """Pairwise accuracy (`pairwise_correct`) on `dataset` (the eval set by default) at each sigma, with the same
+        noise for every sigma (seeded by `eval_seed`) so that the levels differ only by sigma."""
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("accuracy_by_sigma needs a dataset (or an eval_dataset given to the trainer).")
+        sigmas = self.args.eval_sigmas if sigmas is None else sigmas
+        self.model.eval()
+        correct = {s: [] for s in sigmas}
+        generator = torch.Generator().manual_seed(self.args.eval_seed)
+        for batch in self.get_eval_dataloader(dataset):
+            batch = self._prepare_inputs(batch)
+            noise = torch.randn(batch["chosen"].shape, generator=generator).to(batch["chosen"].device)
+            for s in sigmas:
+                sigma = torch.full((len(noise),), float(s), device=noise.device)
+                s_w, s_l = self.score_pairs(self.model, batch, sigma, noise)
+                correct[s].append(pairwise_correct(s_w, s_l).cpu())
+        return {s: torch.cat(c).float().mean().item() for s, c in correct.items()}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Accuracy at each of `eval_sigmas`: ``<prefix>_accuracy@<sigma>``, and ``<prefix>_accuracy`` on clean
+        pairs (the first sigma)."""
+        by_sigma = self.accuracy_by_sigma(eval_dataset, self.args.eval_sigmas)
+        metrics = {f"{metric_key_prefix}_accuracy@{s:.2f}": acc for s, acc in by_sigma.items()}
+        metrics[f"{metric_key_prefix}_accuracy"] = by_sigma[self.args.eval_sigmas[0]]
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    @property
+    def reward_model(self) -> DiffusionRewardModel:
+        """The DRM with any LoRA merged, as a plain [`DiffusionRewardModel`] (a new module when LoRA is used)."""
+        drm = self.accelerator.unwrap_model(self.model)
+        if not self.is_lora:
+            return drm
+        merged = DiffusionRewardModel.from_config(drm.config).to(drm.dtype)
+        merged.load_state_dict(merged_state_dict(drm))
+        return merged.to(drm.device)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """`save_pretrained` of the (merged) DRM; with LoRA also the trainable weights, for resuming."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.reward_model.save_pretrained(output_dir)
+        if self.is_lora:
+            from safetensors.torch import save_file
+
+            drm = self.accelerator.unwrap_model(self.model)
+            trainable = {n: p.detach().contiguous() for n, p in drm.named_parameters() if p.requires_grad}
+            save_file(trainable, os.path.join(output_dir, TRAINABLE_STATE_FILE))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        drm = self.accelerator.unwrap_model(self.model)
+        if self.is_lora:
+            missing = drm.load_state_dict(
+                load_file(os.path.join(resume_from_checkpoint, TRAINABLE_STATE_FILE)), strict=False
+            )
+            if missing.unexpected_keys:
+                raise ValueError(f"Checkpoint has unexpected keys: {missing.unexpected_keys[:5]}")
+        else:
+            drm.load_state_dict(DiffusionRewardModel.from_pretrained(resume_from_checkpoint).state_dict())
+
+
+__all__ = [
+    "DRMTrainer",
+    "accuracy_by_bucket",
+    "bradley_terry_loss",
+    "merged_state_dict",
+    "pairwise_correct",
+    "thurstone_loss",
+]
