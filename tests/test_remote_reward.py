@@ -87,8 +87,11 @@ def test_batches_requests_and_sends_the_named_columns(url):
     torch.testing.assert_close(rewards, ((IMAGES * 255).round() / 255).mean(dim=(1, 2, 3)))
     assert ScriptedHandler.hits == {"/ok": 3}  # 5 images in chunks of 2
     assert [r["prompts"] for r in ScriptedHandler.requests] == [PROMPTS[0:2], PROMPTS[2:4], PROMPTS[4:]]
-    assert [r["columns"] for r in ScriptedHandler.requests] == [{"objects": [[0], [1]]}, {"objects": [[2], [3]]},
-                                                                 {"objects": [[4]]}]  # fmt: skip
+    assert [r["columns"] for r in ScriptedHandler.requests] == [
+        {"objects": [[0], [1]]},
+        {"objects": [[2], [3]]},
+        {"objects": [[4]]},
+    ]
 
 
 def test_server_errors_are_retried_a_bounded_number_of_times(url):

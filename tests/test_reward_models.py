@@ -7,15 +7,29 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
 
-TINY_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 max_position_embeddings=16)  # fmt: skip
-TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                   patch_size=8)  # fmt: skip
+TINY_TEXT = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+    hidden_act="gelu",
+)
+TINY_VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    hidden_act="gelu",
+)
 
 
 def _text_config(tokenizer) -> dict:
@@ -59,8 +73,12 @@ def tiny_owlv2(tmp_path_factory):
     return str(path)
 
 
-PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle",
-           "a photo of a yellow square"]  # fmt: skip
+PROMPTS = [
+    "a photo of a red circle",
+    "a photo of two blue squares",
+    "a photo of a green triangle",
+    "a photo of a yellow square",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +86,17 @@ def images():
     return torch.rand(len(PROMPTS), 3, 40, 48, generator=torch.Generator().manual_seed(0))
 
 
+def _pil(images: torch.Tensor) -> list[Image.Image]:
+    """The uint8-rounded PIL images every reference computation starts from."""
+    return [Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for x in images]
+
+
 def _reference_clip_logits(path: str, prompts: list[str], images: torch.Tensor):
     """CLIP's own forward (logits_per_image diagonal) and image embeddings, on uint8-rounded PIL images."""
     from transformers import AutoProcessor, CLIPModel
 
     processor, model = AutoProcessor.from_pretrained(path), CLIPModel.from_pretrained(path)
-    pil = [Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for x in images]
+    pil = _pil(images)
     inputs = processor(text=prompts, images=pil, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs)
@@ -142,6 +165,100 @@ def test_loading_is_lazy_and_dtype_is_applied(tiny_clip, images):
     scores = reward(PROMPTS, images)
     assert reward.model.dtype == torch.bfloat16 and scores.dtype == torch.float32
     torch.testing.assert_close(scores, CLIPScore(model=tiny_clip, device="cpu")(PROMPTS, images), atol=0.02, rtol=0)
+
+
+def _random_open_clip_state_dict(
+    vocab: int, width: int = 16, embed: int = 8, layers: int = 2, context: int = 16, patch: int = 8, grid: int = 4
+) -> dict[str, torch.Tensor]:
+    """An open_clip ViT CLIP state dict (open_clip's names and shapes) with random values."""
+    shapes = {
+        "token_embedding.weight": (vocab, width),
+        "positional_embedding": (context, width),
+        "ln_final.weight": (width,),
+        "ln_final.bias": (width,),
+        "text_projection": (width, embed),
+        "logit_scale": (),
+        "visual.class_embedding": (width,),
+        "visual.positional_embedding": (grid * grid + 1, width),
+        "visual.conv1.weight": (width, 3, patch, patch),
+        "visual.ln_pre.weight": (width,),
+        "visual.ln_pre.bias": (width,),
+        "visual.ln_post.weight": (width,),
+        "visual.ln_post.bias": (width,),
+        "visual.proj": (width, embed),
+    }
+    block = {
+        "ln_1.weight": (width,),
+        "ln_1.bias": (width,),
+        "ln_2.weight": (width,),
+        "ln_2.bias": (width,),
+        "attn.in_proj_weight": (3 * width, width),
+        "attn.in_proj_bias": (3 * width,),
+        "attn.out_proj.weight": (width, width),
+        "attn.out_proj.bias": (width,),
+        "mlp.c_fc.weight": (2 * width, width),
+        "mlp.c_fc.bias": (2 * width,),
+        "mlp.c_proj.weight": (width, 2 * width),
+        "mlp.c_proj.bias": (width,),
+    }
+    for tower in ("transformer", "visual.transformer"):
+        shapes.update({f"{tower}.resblocks.{i}.{k}": v for i in range(layers) for k, v in block.items()})
+    g = torch.Generator().manual_seed(3)
+    return {name: torch.randn(shape, generator=g) * 0.5 for name, shape in shapes.items()}
+
+
+def _open_clip_tower(x: torch.Tensor, state: dict, prefix: str, layers: int, causal: bool) -> torch.Tensor:
+    """open_clip's residual attention blocks (pre-LayerNorm, nn.MultiheadAttention, GELU MLP), written out."""
+    width, length = x.shape[-1], x.shape[1]
+    mask = torch.full((length, length), float("-inf")).triu(1) if causal else None
+    for i in range(layers):
+        p = f"{prefix}.resblocks.{i}."
+        attn = torch.nn.MultiheadAttention(width, 2, batch_first=True)
+        names = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+        attn.load_state_dict({name: state[p + "attn." + name] for name in names})
+        h = F.layer_norm(x, (width,), state[p + "ln_1.weight"], state[p + "ln_1.bias"])
+        x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        h = F.layer_norm(x, (width,), state[p + "ln_2.weight"], state[p + "ln_2.bias"])
+        h = F.gelu(F.linear(h, state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]))
+        x = x + F.linear(h, state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"])
+    return x
+
+
+def _open_clip_features(state: dict, input_ids: torch.Tensor, eos_id: int, pixels: torch.Tensor):
+    """open_clip's encode_text / encode_image (normalised), from its state dict. The text is pooled at the end token
+    (open_clip takes the argmax id, which is the end token in the real vocabulary)."""
+    x = state["token_embedding.weight"][input_ids] + state["positional_embedding"][: input_ids.shape[1]]
+    x = _open_clip_tower(x, state, "transformer", 2, causal=True)
+    x = F.layer_norm(x, (16,), state["ln_final.weight"], state["ln_final.bias"])
+    text = x[torch.arange(len(x)), (input_ids == eos_id).int().argmax(dim=1)] @ state["text_projection"]
+    patches = F.conv2d(pixels, state["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
+    cls = state["visual.class_embedding"].expand(len(pixels), 1, -1)
+    x = torch.cat([cls, patches], dim=1) + state["visual.positional_embedding"]
+    x = F.layer_norm(x, (16,), state["visual.ln_pre.weight"], state["visual.ln_pre.bias"])
+    x = _open_clip_tower(x, state, "visual.transformer", 2, causal=False)
+    image = (
+        F.layer_norm(x[:, 0], (16,), state["visual.ln_post.weight"], state["visual.ln_post.bias"])
+        @ state["visual.proj"]
+    )
+    return F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+
+
+def test_hpsv2_converts_open_clip_weights_and_scores_the_cosine(tiny_clip, images, tmp_path):
+    from transformers import AutoProcessor
+
+    from flow_trl.rewards import HPSv2
+    from flow_trl.toy.pipeline import EOS_ID
+
+    processor = AutoProcessor.from_pretrained(tiny_clip)
+    state = _random_open_clip_state_dict(vocab=len(processor.tokenizer))
+    torch.save({"state_dict": state}, tmp_path / "hps.pt")
+    reward = HPSv2(checkpoint=str(tmp_path / "hps.pt"), model=tiny_clip, device="cpu", batch_size=3)
+    scores = reward(PROMPTS, images)  # the strict load inside checks that every converted name exists
+    pil = _pil(images)
+    inputs = processor(text=PROMPTS, images=pil, padding=True, return_tensors="pt")
+    text, image = _open_clip_features(state, inputs["input_ids"], EOS_ID, inputs["pixel_values"])
+    torch.testing.assert_close(scores, (text * image).sum(-1), atol=1e-5, rtol=1e-4)
+    assert scores.abs().max() <= 1 + 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- JPEG
@@ -235,8 +352,10 @@ def test_geneval_credits_by_hand():
     assert geneval_score({"a photo of a dog": np.concatenate([box_a, box_b])}, meta) == {"score": 1.0, "strict": 1.0}
     assert geneval_score({"a photo of a dog": box_a}, meta) == {"score": 0.5, "strict": 0.0}
     assert geneval_score({}, meta)["score"] == 0.0
-    meta = {"objects": [{"shape": "cat", "color": "red", "count": 1}, {"shape": "dog", "color": None, "count": 1}],
-            "relation": "left of"}  # fmt: skip
+    meta = {
+        "objects": [{"shape": "cat", "color": "red", "count": 1}, {"shape": "dog", "color": None, "count": 1}],
+        "relation": "left of",
+    }
     found = {"a photo of a cat": box_a, "a photo of a red cat": box_a, "a photo of a dog": box_b}
     assert geneval_score(found, meta) == {"score": 1.0, "strict": 1.0}
     found = {"a photo of a cat": box_b, "a photo of a dog": box_a}  # colour missed, relation reversed
@@ -258,9 +377,10 @@ def _owlv2_probabilities(path: str, query: str, images: torch.Tensor) -> torch.T
     from transformers import AutoProcessor, Owlv2ForObjectDetection
 
     processor, model = AutoProcessor.from_pretrained(path), Owlv2ForObjectDetection.from_pretrained(path)
-    pil = [Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for x in images]
-    inputs = processor(text=[[query]] * len(pil), images=pil, padding="max_length", truncation=True,
-                       return_tensors="pt")  # fmt: skip
+    pil = _pil(images)
+    inputs = processor(
+        text=[[query]] * len(pil), images=pil, padding="max_length", truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return model(**inputs).logits[..., 0].sigmoid()
 
@@ -297,8 +417,16 @@ def test_detector_reward_counts_thresholded_boxes_of_the_real_owlv2(tiny_owlv2, 
 def test_every_builtin_name_resolves_without_loading_weights():
     from flow_trl.rewards import BUILTIN_REWARDS, RemoteReward, RewardModel, resolve_reward_funcs
 
-    names = ["pickscore", "clipscore", "aesthetic", "ocr", "geneval_owlv2", "jpeg_compressibility",
-             "jpeg_incompressibility"]  # fmt: skip
+    names = [
+        "pickscore",
+        "hpsv2",
+        "clipscore",
+        "aesthetic",
+        "ocr",
+        "geneval_owlv2",
+        "jpeg_compressibility",
+        "jpeg_incompressibility",
+    ]
     assert set(names) <= set(BUILTIN_REWARDS)
     rewards = resolve_reward_funcs([*names, "http://127.0.0.1:1/score"])
     assert all(isinstance(r, RewardModel) and not r._loaded for r in rewards)

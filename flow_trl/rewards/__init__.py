@@ -27,6 +27,7 @@ from .base import RewardModel
 from .clip_based import AestheticScore, CLIPScore, PickScore
 from .compression import JPEGCompressibility, JPEGIncompressibility
 from .detection import DetectorReward
+from .hpsv2 import HPSv2
 from .ocr import OCRReward
 from .remote import RemoteReward
 
@@ -51,6 +52,7 @@ BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
     "shapes_strict": functools.partial(_shapes, strict=True),
     "shapes_quality": _shapes_quality,
     "pickscore": PickScore,
+    "hpsv2": HPSv2,
     "clipscore": CLIPScore,
     "aesthetic": AestheticScore,
     "ocr": OCRReward,
@@ -148,6 +150,7 @@ __all__ = [
     "AestheticScore",
     "CLIPScore",
     "DetectorReward",
+    "HPSv2",
     "JPEGCompressibility",
     "JPEGIncompressibility",
     "OCRReward",
