@@ -261,6 +261,17 @@ def test_hpsv2_converts_open_clip_weights_and_scores_the_cosine(tiny_clip, image
     assert scores.abs().max() <= 1 + 1e-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_clip_rewards_on_cuda_match_cpu(tiny_clip, images):
+    from flow_trl.rewards import CLIPScore, PickScore
+
+    for reward_cls, kwargs in ((PickScore, {"processor": tiny_clip}), (CLIPScore, {})):
+        cpu = reward_cls(model=tiny_clip, device="cpu", **kwargs)(PROMPTS, images)
+        cuda = reward_cls(model=tiny_clip, device="cuda", **kwargs)(PROMPTS, images.cuda())
+        assert cuda.device.type == "cpu"
+        torch.testing.assert_close(cuda, cpu, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- JPEG
 
 

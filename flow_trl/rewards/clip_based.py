@@ -38,11 +38,16 @@ class CLIPRewardModel(RewardModel):
         self.processor_name_or_path = processor or model
 
     def _load(self) -> None:
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(self.processor_name_or_path)
-        self.model = CLIPModel.from_pretrained(self.model_name_or_path, dtype=self.dtype).to(self.device).eval()
-        self.model.requires_grad_(False)
+        self.model = self._build_model().to(self.device, self.dtype).eval().requires_grad_(False)
+
+    def _build_model(self) -> nn.Module:
+        """The `CLIPModel` with its weights (on CPU or ``self.device``; `_load` moves and freezes it)."""
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(self.model_name_or_path, dtype=self.dtype)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """``[b, 3, H, W]`` in [0, 1] -> unit-norm projected image embeddings ``[b, D]`` (fp32)."""

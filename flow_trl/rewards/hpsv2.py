@@ -11,10 +11,15 @@ no logit scale (about 0.2-0.35).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .clip_based import CLIPRewardModel
+
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 
 HPS_REPO = "xswu/HPSv2"
@@ -93,16 +98,15 @@ class HPSv2(CLIPRewardModel):
         super().__init__(model=model, **kwargs)
         self.checkpoint = checkpoint
 
-    def _load(self) -> None:
+    def _build_model(self) -> CLIPModel:
         from huggingface_hub import hf_hub_download
-        from transformers import AutoProcessor, CLIPConfig, CLIPModel
+        from transformers import CLIPConfig, CLIPModel
 
         path = self.checkpoint if Path(self.checkpoint).exists() else hf_hub_download(HPS_REPO, self.checkpoint)
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.processor = AutoProcessor.from_pretrained(self.processor_name_or_path)
-        self.model = CLIPModel(CLIPConfig.from_pretrained(self.model_name_or_path))
-        self.model.load_state_dict(convert_open_clip_state_dict(state.get("state_dict", state)))
-        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        model = CLIPModel(CLIPConfig.from_pretrained(self.model_name_or_path))
+        model.load_state_dict(convert_open_clip_state_dict(state.get("state_dict", state)))
+        return model
 
     def _score(self, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
         return (self.embed_texts(prompts) * self.embed_images(images)).sum(dim=-1)
