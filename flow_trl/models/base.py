@@ -21,6 +21,19 @@ from ..sampling import sigma_grid
 
 Conditioning = dict[str, torch.Tensor]
 
+# both streams' attention projections of an MMDiT block (diffusers names): the default LoRA targets of SD3, FLUX.1
+# and Qwen-Image, as used by the SD3.5 RL references (flow_grpo, NFT, AWM, OPD)
+MMDIT_ATTENTION_PROJECTIONS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
 
 def index_conditioning(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
     """Select rows of every conditioning tensor."""
@@ -118,7 +131,7 @@ class FlowModelAdapter:
         halves run as one batch, so rollout and training see the same batch composition. `negative_cond` holds one
         row (broadcast) or one row per sample.
         """
-        if guidance_scale == 1.0:
+        if not self.applies_cfg(guidance_scale):
             return self.predict(transformer, latents, sigma, cond)
         if negative_cond is None:
             raise ValueError("guidance_scale != 1 needs the negative-prompt conditioning (`negative_cond`).")
@@ -129,6 +142,10 @@ class FlowModelAdapter:
             transformer, torch.cat([latents, latents]), torch.cat([sigma, sigma]), both
         ).chunk(2)
         return self.combine_guidance(v_uncond, v_cond, guidance_scale)
+
+    def applies_cfg(self, guidance_scale: float) -> bool:
+        """Whether `velocity` runs CFG at this scale (families whose pipeline ignores the scale override it)."""
+        return guidance_scale != 1.0
 
     def combine_guidance(self, v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance ``v_u + g (v_c - v_u)``; families whose pipeline combines otherwise override it."""

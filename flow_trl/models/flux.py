@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Conditioning
+from .base import MMDIT_ATTENTION_PROJECTIONS, Conditioning
 from .packed import PackedLatentAdapter
 
 
@@ -19,17 +19,7 @@ class FluxAdapter(PackedLatentAdapter):
     """
 
     pipeline_class_names = ("FluxPipeline",)
-    # both streams' attention (double blocks) plus the single blocks' q/k/v, as diffusers' FLUX LoRA scripts
-    default_lora_target_modules = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    default_lora_target_modules = MMDIT_ATTENTION_PROJECTIONS  # "attn.to_q/k/v" also match the single blocks
 
     def default_max_sequence_length(self) -> int:
         tokenizer = self.pipe.tokenizer_2

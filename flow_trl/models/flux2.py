@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Conditioning
+from .base import MMDIT_ATTENTION_PROJECTIONS, Conditioning
 from .packed import PackedLatentAdapter
 
 
@@ -22,17 +22,7 @@ class Flux2KleinAdapter(PackedLatentAdapter):
     pipeline_class_names = ("Flux2KleinPipeline",)
     # both streams' attention in the double blocks and the fused qkv+mlp input projection of the single blocks
     # (ours: the single blocks' output projection shares its name with the double blocks' ModuleList)
-    default_lora_target_modules = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.to_qkv_mlp_proj",
-    )
+    default_lora_target_modules = (*MMDIT_ATTENTION_PROJECTIONS, "attn.to_qkv_mlp_proj")
 
     def default_max_sequence_length(self) -> int:
         return min(self.pipe.tokenizer_max_length, self.pipe.tokenizer.model_max_length)
@@ -68,19 +58,9 @@ class Flux2KleinAdapter(PackedLatentAdapter):
             return_dict=False,
         )[0]
 
-    def velocity(
-        self,
-        transformer: nn.Module,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: Conditioning,
-        guidance_scale: float = 1.0,
-        negative_cond: Conditioning | None = None,
-    ) -> torch.Tensor:
-        """CFG for the base model; the step-distilled model ignores `guidance_scale` (as the pipeline does)."""
-        if self.pipe.config.get("is_distilled", False):
-            return self.predict(transformer, latents, sigma, cond)
-        return super().velocity(transformer, latents, sigma, cond, guidance_scale, negative_cond)
+    def applies_cfg(self, guidance_scale: float) -> bool:
+        """CFG for the base model; the step-distilled one ignores `guidance_scale`, as the pipeline does."""
+        return guidance_scale != 1.0 and not self.pipe.config.get("is_distilled", False)
 
     def noise_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
         h, w = self._latent_size(height, width)

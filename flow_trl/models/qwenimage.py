@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Conditioning
+from .base import MMDIT_ATTENTION_PROJECTIONS, Conditioning
 from .packed import PackedLatentAdapter
 
 
@@ -21,17 +21,7 @@ class QwenImageAdapter(PackedLatentAdapter):
     """
 
     pipeline_class_names = ("QwenImagePipeline",)
-    # both streams' attention projections (ours, as for SD3)
-    default_lora_target_modules = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    default_lora_target_modules = MMDIT_ATTENTION_PROJECTIONS
 
     def __init__(self, pipe, max_sequence_length: int | None = None):
         if pipe.transformer.config.guidance_embeds:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Conditioning, FlowModelAdapter
+from .base import MMDIT_ATTENTION_PROJECTIONS, Conditioning, FlowModelAdapter
 
 
 class SD3Adapter(FlowModelAdapter):
@@ -17,17 +17,7 @@ class SD3Adapter(FlowModelAdapter):
     """
 
     pipeline_class_names = ("StableDiffusion3Pipeline",)
-    # the attention projections of both streams, as used by every SD3.5 RL reference (flow_grpo, NFT, AWM, OPD)
-    default_lora_target_modules = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    default_lora_target_modules = MMDIT_ATTENTION_PROJECTIONS
 
     def default_max_sequence_length(self) -> int:
         tokenizer = self.pipe.tokenizer_3
