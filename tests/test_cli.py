@@ -20,6 +20,9 @@ def test_training_commands_on_the_shapes_world_report_before_and_after(tmp_path,
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "samples_before.png").is_file() and (tmp_path / "samples_after.png").is_file()
     assert "held-out shapes score" in capsys.readouterr().out
+    card = (tmp_path / "README.md").read_text()  # the model card carries the before/after figures and the grid
+    assert f"{report['before']['score']:.3f} -> {report['after']['score']:.3f}" in card
+    assert (tmp_path / "sample_grid.png").is_file()
 
 
 def test_yaml_config_sets_values_and_flags_override(tmp_path):

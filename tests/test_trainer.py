@@ -230,3 +230,12 @@ def test_wrong_length_reward(tmp_path):
                              peft_config=lora())
     with pytest.raises(ValueError, match="'bad' returned 1 values for 4 images"):
         trainer.train()
+
+
+def test_gradient_checkpointing_goes_through_the_diffusers_api(tmp_path):
+    args = tiny_config(tmp_path, gradient_checkpointing=True, max_steps=1)
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(), peft_config=lora())
+    assert trainer.transformer.gradient_checkpointing
+    assert not trainer.args.gradient_checkpointing and not trainer.args.activation_checkpointing  # not Trainer's
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.state.log_history[0]["loss"] > 0

@@ -112,6 +112,11 @@ def build_peft_config(script_args: ScriptArguments):
 def load_prompt_datasets(script_args: ScriptArguments):
     """(train, eval) datasets: the shapes world's prompt splits, or `datasets.load_dataset(dataset_name)`."""
     if script_args.dataset_name is None:
+        if script_args.model is not None:
+            raise ValueError(
+                f"--model {script_args.model} needs prompts: pass --dataset_name (a `datasets.load_dataset` name or "
+                "path with a `prompt` column). Without --model, the shapes world's prompts are used."
+            )
         from ..toy import shapes_dataset
 
         eval_ds = shapes_dataset(script_args.dataset_test_split) if script_args.dataset_test_split else None
@@ -149,6 +154,14 @@ def print_before_after(before: dict[str, float], after: dict[str, float]) -> Non
         print(f"{key:<15}{before[key]:>8.3f}{after[key]:>8.3f}")
 
 
+def shapes_card_table(before: dict[str, float], after: dict[str, float]) -> dict[str, str]:
+    """The before/after held-out shapes figures as model-card rows."""
+    from ..toy.world import TAGS
+
+    keys = ["score", "strict", "quality", *(f"score/{tag}" for tag in TAGS)]
+    return {f"shapes held-out {key} (base -> trained)": f"{before[key]:.3f} -> {after[key]:.3f}" for key in keys}
+
+
 def run_training(trainer_class, script_args: ScriptArguments, training_args) -> dict[str, Any]:
     """Train `trainer_class` as the flags say; on the shapes world, report the held-out score before and after.
 
@@ -171,11 +184,16 @@ def run_training(trainer_class, script_args: ScriptArguments, training_args) -> 
         report["before"] = shapes_report(trainer, script_args, "before")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    card: dict[str, Any] = {}
     if shapes and trainer.is_world_process_zero():
         report["after"] = shapes_report(trainer, script_args, "after")
         print_before_after(report["before"], report["after"])
         Path(training_args.output_dir, "shapes_eval.json").write_text(json.dumps(report, indent=2))
-        print(f"adapter, sample grids and shapes_eval.json are in {training_args.output_dir}/")
+        card["evaluation"] = shapes_card_table(report["before"], report["after"])
+        card["sample_image"] = Path(training_args.output_dir, "samples_after.png")
+    trainer.create_model_card(dataset_name=script_args.dataset_name, **card)
+    if trainer.is_world_process_zero():
+        print(f"adapter, model card (README.md) and sample grids are in {training_args.output_dir}/")
     if training_args.push_to_hub:
         trainer.push_to_hub()
     report["log_history"] = trainer.state.log_history

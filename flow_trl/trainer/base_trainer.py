@@ -178,9 +178,13 @@ class FlowRLTrainer(Trainer):
             transformer.requires_grad_(True)
             for name in (*self._policy_adapters, "ref"):
                 self._policy_models[name] = copy.deepcopy(transformer).requires_grad_(False).eval()
-        if args.gradient_checkpointing:  # diffusers' API, not transformers' gradient_checkpointing_enable
+        # diffusers' API, not transformers' activation_checkpointing_enable (`gradient_checkpointing` is the alias
+        # transformers < 5.23 knows, `activation_checkpointing` the newer name; both are turned off for `Trainer`)
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             transformer.enable_gradient_checkpointing()
             args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
 
         super().__init__(
             model=transformer,

@@ -1,0 +1,89 @@
+"""Every example script and shapes-world config runs (1 step), every config parses, every flag has its help."""
+
+import dataclasses
+import json
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flow_trl.cli import TRAINING_COMMANDS, main
+from flow_trl.rewards import BUILTIN_REWARDS
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "examples" / "scripts").glob("*.py"))
+CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2", "--steps_per_generation",
+        "1", "--num_inference_steps", "2", "--eval_num_per_family", "1", "--lora_r", "4"]
+# per-algorithm flags that shrink one step further
+EXTRA = {"nft": [], "awm": ["--num_train_timesteps", "1"], "dpo": ["--num_train_timesteps", "1"], "grpo": []}
+
+
+def command_of(path: Path) -> str:
+    """`nft_shapes.yaml` and `nft.py` belong to `flow-trl nft`."""
+    return path.stem.split("_")[0]
+
+
+def test_every_example_has_a_command_and_tiny_flags():
+    assert SCRIPTS and CONFIGS
+    for path in SCRIPTS + CONFIGS:
+        assert command_of(path) in TRAINING_COMMANDS and command_of(path) in EXTRA, path.name
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_example_script_runs_a_step_on_the_shapes_world(script, tmp_path, monkeypatch):
+    argv = [str(script), "--output_dir", str(tmp_path), *TINY, *EXTRA[command_of(script)]]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    report = json.loads((tmp_path / "shapes_eval.json").read_text())
+    assert report["after"]["score"] >= 0 and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "shapes" in c.stem], ids=lambda p: p.name)
+def test_shapes_config_is_the_recipe_and_runs_a_step(config, tmp_path):
+    import importlib
+
+    module = importlib.import_module(TRAINING_COMMANDS[command_of(config)])
+    recipe = module.SCRIPT.shapes_defaults  # what `flow-trl <command>` runs with no flags
+    values = yaml.safe_load(config.read_text())
+    script_args, args = module.make_parser().parse_args_and_config(["--output_dir", str(tmp_path)], defaults=values)
+    default_script_args, default_args = module.make_parser().parse_args_and_config(
+        ["--output_dir", str(tmp_path)], defaults=recipe
+    )
+    assert script_args == default_script_args and args.to_dict() == default_args.to_dict()  # no drift from the recipe
+    assert main([command_of(config), "--config", str(config), "--output_dir", str(tmp_path), *TINY,
+                 *EXTRA[command_of(config)]]) == 0
+    assert (tmp_path / "README.md").is_file()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_with_known_rewards(config, tmp_path):
+    import importlib
+
+    module = importlib.import_module(TRAINING_COMMANDS[command_of(config)])
+    # bf16 needs a GPU: parse the GPU recipes as they would be on one, in fp32 here
+    script_args, args = module.make_parser().parse_args_and_config(
+        ["--config", str(config), "--output_dir", str(tmp_path), "--bf16", "false"]
+    )
+    assert all(name in BUILTIN_REWARDS for name in script_args.reward_funcs), script_args.reward_funcs
+    assert args.generation_batch_size % args.num_generations == 0
+
+
+@pytest.mark.parametrize("command", sorted(TRAINING_COMMANDS))
+def test_help_lists_every_field_with_its_help(command):
+    import importlib
+
+    parser = importlib.import_module(TRAINING_COMMANDS[command]).make_parser()
+    text = re.sub(r"\s+", " ", parser.format_help())
+    for dtype in parser.dataclass_types:
+        for f in dataclasses.fields(dtype):
+            if not f.init or f.name.startswith("_"):
+                continue
+            assert f"--{f.name}" in text, f.name
+            help_text = re.sub(r"\s+", " ", f.metadata.get("help", "")).strip()
+            assert help_text, f"{dtype.__name__}.{f.name} has no help text"
+            assert help_text[:40].replace("%%", "%") in text.replace("%%", "%"), f.name
