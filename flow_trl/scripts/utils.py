@@ -30,7 +30,10 @@ class ScriptArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["shapes"],
-        metadata={"help": "Built-in reward names or dotted paths to reward functions."},
+        metadata={
+            "help": "Built-in reward names (e.g. shapes, pickscore, hpsv2; docs/rewards.md), reward server URLs "
+            "(http://host:port/score) or dotted import paths to reward functions."
+        },
     )
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (False: full fine-tuning)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
