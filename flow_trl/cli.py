@@ -4,6 +4,8 @@
     flow-trl awm                            # Advantage Weighted Matching, likewise
     flow-trl dpo                            # Diffusion-DPO (online; offline with a preference dataset)
     flow-trl dance_grpo (alias grpo)        # GRPO on SDE rollouts (DanceGRPO, Flow-GRPO, SLAS)
+    flow-trl drm                            # train a diffusion-based reward model (DRM) on preference pairs
+    flow-trl step_grpo                      # Step-wise GRPO: per-step advantages from a DRM
     flow-trl evaluate                       # score the shipped shapes pipeline on held-out prompts
     flow-trl evaluate --lora my-run/        # ... with a diffusers-format LoRA loaded on top
     flow-trl diagnose --lora my-run/        # NormGuard diagnostics: norm profile, renormalisation, S(t)
@@ -18,7 +20,7 @@ from pathlib import Path
 
 
 # command -> module with a `cli(argv)` function
-TRAINING_COMMANDS = {name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo", "grpo")}
+TRAINING_COMMANDS = {name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo", "grpo", "drm", "step_grpo")}
 TRAINING_COMMANDS["dance_grpo"] = TRAINING_COMMANDS["grpo"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -46,7 +47,7 @@ class DRMConfig(TrainingArguments):
 
     > [!NOTE]
     > Defaults that differ from `TrainingArguments`: `learning_rate=1e-4`, `logging_steps=10`,
-    > `remove_unused_columns=False`, `report_to="none"`.
+    > `remove_unused_columns=False`.
     """
 
     num_blocks: int = field(default=2, metadata={"help": "Generator blocks kept as the DRM backbone (K)."})
@@ -63,13 +64,14 @@ class DRMConfig(TrainingArguments):
     eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation noise."})
     max_sequence_length: int | None = field(default=None, metadata={"help": "Token length of the T5 encoder."})
     resolution: int | None = field(default=None, metadata={"help": "Image size of image preference data."})
-    model_init_kwargs: dict | str | None = field(
+    model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Kwargs of DiffusionPipeline.from_pretrained for the generator."}
     )
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every dataset column."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Logging integrations."})
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     def __post_init__(self):
         super().__post_init__()
