@@ -20,7 +20,9 @@ from pathlib import Path
 
 
 # command -> module with a `cli(argv)` function
-TRAINING_COMMANDS = {name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo", "grpo", "drm", "step_grpo")}
+TRAINING_COMMANDS = {
+    name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo", "grpo", "drm", "step_grpo", "opd")
+}
 TRAINING_COMMANDS["dance_grpo"] = TRAINING_COMMANDS["grpo"]
 
 

@@ -20,7 +20,8 @@ CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2", "--steps_per_generation",
         "1", "--num_inference_steps", "2", "--eval_num_per_family", "1", "--lora_r", "4"]
 # per-algorithm flags that shrink one step further
-EXTRA = {"nft": [], "awm": ["--num_train_timesteps", "1"], "dpo": ["--num_train_timesteps", "1"], "grpo": []}
+EXTRA = {"nft": [], "awm": ["--num_train_timesteps", "1"], "dpo": ["--num_train_timesteps", "1"], "grpo": [],
+         "opd": ["--train_teachers", "true", "--teacher_max_steps", "1"]}  # opd: tiny teachers in output_dir
 
 
 def command_of(path: Path) -> str:

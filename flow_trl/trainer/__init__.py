@@ -10,9 +10,11 @@ from .drm_config import DRMConfig
 from .drm_trainer import DRMTrainer, bradley_terry_loss, thurstone_loss
 from .grpo_config import DanceGRPOConfig
 from .grpo_trainer import DanceGRPOTrainer, grpo_clip_loss
-from .mixins import NormGuardMixin
+from .mixins import ManifoldAnchorMixin, NormGuardMixin
 from .nft_config import FlowNFTConfig
 from .nft_trainer import FlowNFTTrainer, nft_loss
+from .opd_config import FlowOPDConfig
+from .opd_trainer import FlowOPDTrainer
 from .step_grpo_config import StepGRPOConfig
 from .step_grpo_trainer import StepGRPOTrainer
 
@@ -28,8 +30,11 @@ __all__ = [
     "FlowDPOTrainer",
     "FlowNFTConfig",
     "FlowNFTTrainer",
+    "FlowOPDConfig",
+    "FlowOPDTrainer",
     "FlowRLConfig",
     "FlowRLTrainer",
+    "ManifoldAnchorMixin",
     "NormGuardMixin",
     "RepeatSampler",
     "StepGRPOConfig",

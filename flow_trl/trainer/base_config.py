@@ -79,6 +79,12 @@ class FlowRLConfig(TrainingArguments):
         Coefficient of the velocity-space KL to the reference model (the base model: LoRA adapters disabled).
     norm_guard_coef (`float`, defaults to `0.0`):
         Coefficient of the NormGuard hinge on velocity norms above the reference's (trainers with `NormGuardMixin`).
+    mar_coef (`float`, defaults to `0.0`):
+        Coefficient of Manifold Anchor Regularization (trainers with `ManifoldAnchorMixin`): the KL of the policy to a
+        task-agnostic anchor at every trained step, in the trainer's KL form (SDE-mean for SDE trainers, velocity
+        otherwise). 0 disables it.
+    mar_adapter (`str`, *optional*):
+        The MAR anchor: a diffusers-format LoRA (folder, file or Hub id) on the same base; unset: the base model.
     diagnostics_every_log (`bool`, defaults to `True`):
         On logging steps, run the reference forward even when no loss term needs it, to log
         `velocity_norm_ratio` (the norm-inflation diagnostic). Costs one forward per trained timestep on those steps.
@@ -159,6 +165,12 @@ class FlowRLConfig(TrainingArguments):
     norm_guard_coef: float = field(
         default=0.0, metadata={"help": "NormGuard hinge coefficient on velocity norms above the reference's."}
     )
+    mar_coef: float = field(
+        default=0.0, metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (0: off)."}
+    )
+    mar_adapter: str | None = field(
+        default=None, metadata={"help": "MAR anchor LoRA (folder, file or Hub id); unset: the base model."}
+    )
     diagnostics_every_log: bool = field(
         default=True, metadata={"help": "Run the reference forward on logging steps to log velocity_norm_ratio."}
     )
@@ -211,7 +223,7 @@ class FlowRLConfig(TrainingArguments):
             raise ValueError(f"sde_type must be one of {STEP_TYPES}; got {self.sde_type!r}.")
         if self.num_inference_steps < 2:
             raise ValueError(f"num_inference_steps must be at least 2; got {self.num_inference_steps}.")
-        for name in ("noise_level", "beta", "norm_guard_coef"):
+        for name in ("noise_level", "beta", "norm_guard_coef", "mar_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
         if self.advantage_clip is not None and self.advantage_clip <= 0:

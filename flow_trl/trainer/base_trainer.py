@@ -141,6 +141,8 @@ class FlowRLTrainer(Trainer):
             raise ValueError(f"The eval dataset needs a 'prompt' column; its columns are {eval_dataset.column_names}.")
         if args.norm_guard_coef > 0 and not any(c.__name__ == "NormGuardMixin" for c in type(self).__mro__):
             raise ValueError(f"{type(self).__name__} does not include NormGuardMixin; set norm_guard_coef=0.")
+        if args.mar_coef > 0 and not any(c.__name__ == "ManifoldAnchorMixin" for c in type(self).__mro__):
+            raise ValueError(f"{type(self).__name__} does not include ManifoldAnchorMixin; set mar_coef=0.")
         set_seed(args.seed)
 
         self.pipe = load_pipeline(model, args.model_init_kwargs)
@@ -479,10 +481,13 @@ class FlowRLTrainer(Trainer):
         loss, kl_metrics = velocity_kl(v, v_ref, coef)
         return loss, {**metrics, **kl_metrics}
 
-    def reference_terms(self, latents, sigma, cond, v: torch.Tensor, v_ref: torch.Tensor | None = None):
+    def reference_terms(self, latents, sigma, cond, v: torch.Tensor, v_ref: torch.Tensor | None = None,
+                        transition=None):
         """Regularization of velocity `v` against the reference at the same inputs (0 when none is needed).
 
-        Pass `v_ref` when the algorithm already computed the reference velocity there, to save the forward.
+        Pass `v_ref` when the algorithm already computed the reference velocity there, to save the forward. SDE
+        trainers also pass their replayed `transition` (a `grpo_trainer.Transition`), which regularizers with an
+        SDE-mean form (MAR) use.
         """
         if not self._needs_reference():
             return v.new_zeros(())

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..advantages import adapt_slas_gamma
-from ..sampling import step
+from ..sampling import StepOutput, step
 from .base_trainer import FlowRLTrainer
 from .grpo_config import DanceGRPOConfig
 
@@ -42,6 +43,32 @@ def sde_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, d
     dims = tuple(range(1, mean.dim()))
     s2 = std.float().flatten(1)[:, 0] ** 2 / (-dt.float().view(-1))  # std is per sample, [B, 1, ...]
     return (mean.float() - ref_mean.float().detach()).pow(2).mean(dims) / (2 * s2)
+
+
+@dataclass
+class Transition:
+    """The trained transition ``x_j -> x_{j+1}`` of each sample of a loss chunk, replayed under the current policy.
+
+    Args:
+        rows (`Tensor`): `[B]` sample indices in the micro-batch.
+        steps (`Tensor`): `[B]` indices into the sample's recorded transitions.
+        latents (`Tensor`): `[B, ...]` states ``x_j``.
+        next_latents (`Tensor`): `[B, ...]` sampled states ``x_{j+1}``.
+        sigma (`Tensor`), sigma_next (`Tensor`): `[B]` the transition's sigmas.
+        cond (`dict`): the samples' conditioning.
+        velocity (`Tensor`): the policy's guided velocity at ``x_j`` (with grad).
+        out ([`StepOutput`]): the policy's step: `mean` (with grad), `std`, `log_prob` of ``x_{j+1}``.
+    """
+
+    rows: torch.Tensor
+    steps: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    sigma: torch.Tensor
+    sigma_next: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    velocity: torch.Tensor
+    out: StepOutput
 
 
 class DanceGRPOTrainer(FlowRLTrainer):
@@ -129,6 +156,25 @@ class DanceGRPOTrainer(FlowRLTrainer):
     def _velocity_kl_coef(self) -> float:
         return self.args.beta if self.args.kl_type == "velocity" else 0.0
 
+    def replay_step(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
+                    sigma_next: torch.Tensor, next_latents: torch.Tensor) -> StepOutput:
+        """The rollout's stochastic step with `velocity`, replayed on the recorded ``x_j -> x_{j+1}``."""
+        return step(self.args.sde_type, latents, velocity, sigma, sigma_next, self.args.noise_level,
+                    sigma_max=float(self.sigmas[1]), prev_sample=next_latents)
+
+    def transition_kl(self, transition: Transition, other_velocity: torch.Tensor) -> torch.Tensor:
+        """`[B]` SDE-mean KL (`sde_mean_kl`) of the policy's step to the step another network (`other_velocity`,
+        detached) takes from the same state; gradient flows through the policy's mean."""
+        t = transition
+        other = self.replay_step(t.latents, other_velocity, t.sigma, t.sigma_next, t.next_latents)
+        return sde_mean_kl(t.out.mean, other.mean, t.out.std, t.sigma_next - t.sigma)
+
+    def _transition_loss(self, inputs: dict[str, Any], transition: Transition) -> tuple[torch.Tensor, dict]:
+        """The policy loss of one chunk: PPO's clipped surrogate with `_transition_advantages`."""
+        t = transition
+        return grpo_clip_loss(t.out.log_prob, inputs["log_probs"][t.rows, t.steps],
+                              self._transition_advantages(inputs, t.rows, t.steps), self.args.clip_range)
+
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
         args, cond = self.args, inputs["cond"]
         rows = torch.arange(len(inputs["log_probs"]), device=inputs["log_probs"].device)
@@ -138,24 +184,22 @@ class DanceGRPOTrainer(FlowRLTrainer):
         sigmas = self.sigmas.to(x.device)
         sigma, sigma_next = sigmas[j.to(x.device)], sigmas[j.to(x.device) + 1]
         v = self.velocity(model, x, sigma, cond)
-        out = step(args.sde_type, x, v, sigma, sigma_next, args.noise_level, sigma_max=float(sigmas[1]),
-                   prev_sample=x_next)
-        loss, metrics = grpo_clip_loss(out.log_prob, inputs["log_probs"][rows, s],
-                                       self._transition_advantages(inputs, rows, s), args.clip_range)
-        self._approx_kls = (*self._approx_kls, metrics["approx_kl"])
+        out = self.replay_step(x, v, sigma, sigma_next, x_next)
+        transition = Transition(rows, s, x, x_next, sigma, sigma_next, cond, v, out)
+        loss, metrics = self._transition_loss(inputs, transition)
+        if "approx_kl" in metrics:
+            self._approx_kls = (*self._approx_kls, metrics["approx_kl"])
         v_ref = None
         if self._needs_reference():
             with torch.no_grad(), self.policy("ref") as ref:
                 v_ref = self.velocity(ref, x, sigma, cond)
         if args.beta > 0 and args.kl_type == "sde_mean":
-            ref_out = step(args.sde_type, x, v_ref, sigma, sigma_next, args.noise_level, sigma_max=float(sigmas[1]),
-                           prev_sample=x_next)
-            kl = sde_mean_kl(out.mean, ref_out.mean, out.std, sigma_next - sigma).mean()
+            kl = self.transition_kl(transition, v_ref).mean()
             loss = loss + args.beta * kl
             metrics["kl"] = kl.item()
-        loss = loss + self.reference_terms(x, sigma, cond, v, v_ref=v_ref)
+        loss = loss + self.reference_terms(x, sigma, cond, v, v_ref=v_ref, transition=transition)
         self._log_train_metrics(metrics)
         return loss
 
 
-__all__ = ["DanceGRPOTrainer", "grpo_clip_loss", "sde_mean_kl"]
+__all__ = ["DanceGRPOTrainer", "Transition", "grpo_clip_loss", "sde_mean_kl"]

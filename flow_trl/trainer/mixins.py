@@ -3,14 +3,16 @@
     class MyTrainer(NormGuardMixin, FlowNFTTrainer): ...
 
 A mixin extends `_velocity_regularization(v, v_ref)` (the terms computed against the reference velocity at the
-same inputs) and `_needs_reference()`; the trainer adds the result to its loss at every trained timestep.
+same inputs) or `reference_terms(...)`, and `_needs_reference()`; the trainer adds the result to its loss at every
+trained timestep. A mixin comes first in the bases, so that its `super()` calls reach the trainer.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..regularizers import norm_guard
+from ..lora import load_lora_adapter
+from ..regularizers import norm_guard, velocity_kl
 
 
 class NormGuardMixin:
@@ -30,3 +32,59 @@ class NormGuardMixin:
             return loss, metrics
         guard, guard_metrics = norm_guard(v, v_ref, self.args.norm_guard_coef)
         return loss + guard, {**metrics, **guard_metrics}
+
+
+class ManifoldAnchorMixin:
+    """Manifold Anchor Regularization (MAR, Flow-OPD): a KL of the policy to a task-agnostic anchor, on every sample.
+
+    ``L_MAR = mar_coef * mean_b KL_b(policy || anchor)`` at each trained step, from the same state and conditioning
+    (CFG scale and negative prompt included). The anchor is the base model (adapters disabled; its forward is shared
+    with the reference's) or, with `mar_adapter`, a LoRA loaded as the frozen named adapter `"mar"` on the same base.
+    The KL form follows the trainer:
+
+    - SDE trainers ([`DanceGRPOTrainer`], [`StepGRPOTrainer`], [`FlowOPDTrainer`]), which pass their replayed
+      transition: Flow-GRPO's SDE-mean KL ``mean_dims (mu - mu_anchor)^2 / (2 s_t^2)`` (Flow-OPD's L_MAR).
+    - velocity-local trainers ([`FlowNFTTrainer`], [`FlowAWMTrainer`], [`FlowDPOTrainer`]):
+      ``mean_dims (v - v_anchor)^2``, to which the SDE-mean KL is proportional at a fixed step (our choice: they have
+      no SDE step).
+
+    Compose it like NormGuard: ``class MyTrainer(ManifoldAnchorMixin, FlowNFTTrainer)``. Logs `mar/kl`.
+    """
+
+    MAR_ADAPTER = "mar"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.mar_coef > 0 and self.args.mar_adapter is not None:
+            if not self.is_lora:
+                raise ValueError("mar_adapter is a LoRA on the student's base: pass a peft_config (train a LoRA).")
+            load_lora_adapter(self.transformer, self.args.mar_adapter, self.MAR_ADAPTER)
+            self._activate("default")
+
+    def _needs_reference(self) -> bool:
+        base_anchor = self.args.mar_coef > 0 and self.args.mar_adapter is None
+        return base_anchor or super()._needs_reference()
+
+    def anchor_velocity(self, latents, sigma, cond, v_ref: torch.Tensor | None = None) -> torch.Tensor:
+        """The anchor's guided velocity (no grad); reuses `v_ref` when the anchor is the base model."""
+        if self.args.mar_adapter is None and v_ref is not None:
+            return v_ref.detach()
+        name = "ref" if self.args.mar_adapter is None else self.MAR_ADAPTER
+        with torch.no_grad(), self.policy(name) as anchor:
+            return self.velocity(anchor, latents, sigma, cond)
+
+    def reference_terms(
+        self, latents, sigma, cond, v: torch.Tensor, v_ref: torch.Tensor | None = None, transition=None
+    ):
+        if self.args.mar_coef == 0:
+            return super().reference_terms(latents, sigma, cond, v, v_ref=v_ref, transition=transition)
+        v_anchor = self.anchor_velocity(latents, sigma, cond, v_ref)
+        if self.args.mar_adapter is None:
+            v_ref = v_anchor
+        loss = super().reference_terms(latents, sigma, cond, v, v_ref=v_ref, transition=transition)
+        if transition is not None:
+            kl = self.transition_kl(transition, v_anchor).mean()
+        else:
+            kl = velocity_kl(v, v_anchor, 1.0)[0]
+        self._log_train_metrics({"mar/kl": kl.item()})
+        return loss + self.args.mar_coef * kl

@@ -1,0 +1,170 @@
+"""Diffusers-format LoRA files: read, merge (cold start of on-policy distillation) and load as named peft adapters.
+
+A LoRA file is what `FlowRLTrainer._save` writes (and `pipe.load_lora_weights` reads): a
+`pytorch_lora_weights.safetensors` whose keys are ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` and
+whose safetensors metadata carries the peft config (``lora_adapter_metadata``, keys prefixed ``transformer.``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+MERGE_METHODS = ("mean", "weighted", "sum")
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The weights file of a LoRA given as a file, a folder holding `pytorch_lora_weights.safetensors`, or a Hub id."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / LORA_WEIGHTS_NAME).is_file():
+        return path / LORA_WEIGHTS_NAME
+    if path.exists() or path.is_absolute() or str(path).count("/") != 1:
+        raise FileNotFoundError(f"No {LORA_WEIGHTS_NAME} in {path}: pass a LoRA folder or file saved by flow_trl.")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(str(path), LORA_WEIGHTS_NAME))
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a diffusers-format LoRA and its safetensors metadata (`{}` when it has none)."""
+    from safetensors import safe_open
+
+    file = lora_file(path)
+    with safe_open(str(file), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+
+
+def merge_lora_adapters(
+    paths: list[str | os.PathLike],
+    weights: list[float] | None = None,
+    method: str = "mean",
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge LoRA adapters factor by factor: every ``lora_A`` and ``lora_B`` matrix is combined element-wise.
+
+    `"mean"` averages, `"weighted"` uses `weights` normalised to sum 1, `"sum"` adds (Flow-OPD's `scripts/merge.py`).
+    This averages the factors (A, B), not the low-rank products ``B @ A``: ``mean(B) @ mean(A)`` differs from
+    ``mean(B @ A)`` by cross terms. It is what Flow-OPD's cold start does, and it keeps the result a LoRA of the same
+    rank that the student trains further (the exact average of the products would need rank ``n * r``).
+
+    Args:
+        paths: LoRA folders/files/Hub ids with identical keys and shapes (same base model, targets and rank).
+        weights: one weight per path, for `"weighted"` (also accepted for `"mean"`/`"sum"` only if unset).
+        method: `"mean"`, `"weighted"` or `"sum"`.
+        output_dir: where to write the merged `pytorch_lora_weights.safetensors` (the first adapter's metadata).
+
+    Returns:
+        The merged tensors, keyed as in the files.
+    """
+    if method not in MERGE_METHODS:
+        raise ValueError(f"method must be one of {MERGE_METHODS}; got {method!r}.")
+    if len(paths) < 1:
+        raise ValueError("merge_lora_adapters needs at least one LoRA path.")
+    if (weights is None) == (method == "weighted"):
+        raise ValueError("Pass `weights` (one per path) exactly when method='weighted'.")
+    if method == "weighted":
+        if len(weights) != len(paths) or sum(weights) <= 0 or min(weights) < 0:
+            raise ValueError(f"weights must be {len(paths)} non-negative values with a positive sum; got {weights}.")
+        coefs = [w / sum(weights) for w in weights]
+    else:
+        coefs = [1.0 / len(paths) if method == "mean" else 1.0] * len(paths)
+    loras = [read_lora(p) for p in paths]
+    first, metadata = loras[0]
+    for path, (state, _) in zip(paths[1:], loras[1:]):
+        _check_same_layout(first, state, f"{paths[0]}", f"{path}")
+    merged = {
+        key: sum(c * state[key].float() for c, (state, _) in zip(coefs, loras)).to(first[key].dtype) for key in first
+    }
+    if output_dir is not None:
+        from safetensors.torch import save_file
+
+        os.makedirs(output_dir, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in merged.items()},
+            os.path.join(output_dir, LORA_WEIGHTS_NAME),
+            metadata=metadata or None,
+        )
+    return merged
+
+
+def _check_same_layout(
+    reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor], reference_name: str, other_name: str
+) -> None:
+    """Same keys and shapes, or a clear error naming what differs (targets, rank or base model)."""
+    missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
+    if missing or extra:
+        raise ValueError(
+            f"The LoRA {other_name} does not target the same modules as {reference_name}: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}. Train both with the same base model and lora target modules."
+        )
+    shapes = [
+        (k, tuple(reference[k].shape), tuple(other[k].shape))
+        for k in reference
+        if reference[k].shape != other[k].shape
+    ]
+    if shapes:
+        key, a, b = shapes[0]
+        raise ValueError(
+            f"The LoRA {other_name} has other shapes than {reference_name} (e.g. {key}: {b} vs {a}): a different "
+            "rank or base model. Use the same base model and LoRA rank for both."
+        )
+
+
+def load_lora_adapter(
+    transformer: nn.Module, path: str | os.PathLike, adapter_name: str, like: str = "default"
+) -> None:
+    """Load a diffusers-format LoRA into `transformer` as the frozen peft adapter `adapter_name`.
+
+    The adapter gets the config of adapter `like` (the student's); the file must adapt exactly the same modules
+    with the same shapes and `lora_alpha`, else a `ValueError` says what differs. No copy of the base weights is
+    made: it is one more pair of LoRA factors per adapted module.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state, metadata = read_lora(path)
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    expected = get_peft_model_state_dict(transformer, adapter_name=like)
+    _check_same_layout(expected, state, f"the student's adapter ({like!r})", str(path))
+    config = copy.deepcopy(transformer.peft_config[like])
+    saved = json.loads(metadata.get(LORA_METADATA_KEY, "{}"))
+    alpha = saved.get("transformer.lora_alpha", saved.get("lora_alpha"))
+    if alpha is not None and alpha != config.lora_alpha:
+        raise ValueError(
+            f"The LoRA {path} was trained with lora_alpha={alpha}, the student uses {config.lora_alpha}: set the "
+            "student's lora_alpha (and rank) to the adapter's."
+        )
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        transformer.add_adapter(config, adapter_name=adapter_name)
+    set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+    for name, param in transformer.named_parameters():
+        if f".{adapter_name}." in name:
+            param.requires_grad_(False)
+
+
+def set_adapter_weights(transformer: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Overwrite adapter `adapter_name` with diffusers-format LoRA tensors (e.g. a merged cold start)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    _check_same_layout(
+        get_peft_model_state_dict(transformer, adapter_name=adapter_name),
+        state,
+        f"the adapter {adapter_name!r}",
+        "the given weights",
+    )
+    set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+
+
+__all__ = ["LORA_WEIGHTS_NAME", "load_lora_adapter", "merge_lora_adapters", "read_lora", "set_adapter_weights"]

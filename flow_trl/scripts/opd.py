@@ -1,0 +1,127 @@
+"""Distil task teachers into one student with Flow-OPD: `flow-trl opd [--flags | --config cfg.yaml]`.
+
+Teachers are LoRAs of the same base model, one per task, given as `--teachers task=path ...` and routed by the
+dataset column `--task_column`. With a model:
+
+    accelerate launch examples/scripts/opd.py --model stabilityai/stable-diffusion-3.5-medium \\
+        --dataset_name my/prompts --task_column task --teachers geneval=teachers/geneval ocr=teachers/ocr \\
+        --reward_funcs my_pkg.rewards.geneval --cold_start merge --lora_r 32 --lora_alpha 64 --output_dir sd35-opd
+
+With no `--model`, the shapes world: two teachers, one on the object families (single_object, two_object,
+counting) and one on the attribute families (colors, position, color_attr), read from `--teacher_dir`
+(`<output_dir>/teachers` by default). `--train_teachers` first trains the missing ones there with `flow-trl nft`'s
+shapes recipe on their families (`--teacher_max_steps` steps each); without it, missing teachers are an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .grpo import SHAPES_GRPO_DEFAULTS
+from .nft import SHAPES_NFT_DEFAULTS
+from .utils import FlowTrlParser, ScriptArguments, TrainerScript, build_peft_config, run_training
+
+
+# The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 40% of the 9 stochastic steps), Flow-OPD's SDE (flow, eta
+# 0.7), MAR 0.04 to the base model, the student starting from the mean of the teachers (docs/opd.md).
+SHAPES_OPD_DEFAULTS: dict[str, Any] = {
+    **SHAPES_GRPO_DEFAULTS,
+    "output_dir": "shapes-opd",
+    "task_column": "tag",
+    "cold_start": "merge",
+}
+
+# Which shapes-world families each teacher is trained on and routed: {teacher: families}.
+SHAPES_TEACHER_FAMILIES: dict[str, tuple[str, ...]] = {
+    "objects": ("single_object", "two_object", "counting"),
+    "attributes": ("colors", "position", "color_attr"),
+}
+# What a teacher's training copies from the student's config (so that both see the same geometry and sampler).
+TEACHER_SHARED_FIELDS = (
+    "per_device_train_batch_size",
+    "num_generations",
+    "steps_per_generation",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "resolution",
+)
+
+
+@dataclass
+class OPDScriptArguments(ScriptArguments):
+    """[`ScriptArguments`] plus the shapes world's teachers."""
+
+    teacher_dir: str | None = field(
+        default=None,
+        metadata={"help": "Shapes world: folder of the teachers (one subfolder each); <output_dir>/teachers."},
+    )
+    train_teachers: bool = field(
+        default=False, metadata={"help": "Shapes world: train the missing teachers first (flow-trl nft's recipe)."}
+    )
+    teacher_max_steps: int = field(default=100, metadata={"help": "Shapes world: optimizer steps per teacher."})
+
+
+def train_shapes_teacher(
+    families: tuple[str, ...], output_dir: Path, script_args: ScriptArguments, student_args, max_steps: int
+) -> None:
+    """Train one shapes-world teacher: `flow-trl nft`'s recipe on `families`' prompts, the student's LoRA shape and
+    rollout geometry; saves its LoRA to `output_dir`."""
+    from ..toy import SHAPES_PIPELINE_DIR, shapes_dataset
+    from ..trainer import FlowNFTConfig, FlowNFTTrainer
+
+    shared = {name: getattr(student_args, name) for name in TEACHER_SHARED_FIELDS}
+    args = FlowNFTConfig(**{**SHAPES_NFT_DEFAULTS, **shared, "output_dir": str(output_dir), "max_steps": max_steps})
+    trainer = FlowNFTTrainer(
+        model=str(SHAPES_PIPELINE_DIR),
+        args=args,
+        reward_funcs=script_args.reward_funcs,
+        train_dataset=shapes_dataset("train").filter(lambda row: row["tag"] in families),
+        peft_config=build_peft_config(script_args),
+    )
+    trainer.train()
+    trainer.save_model(str(output_dir))
+
+
+def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str, str]:
+    """`{family: teacher folder}` of the shapes world, training the missing teachers with `--train_teachers`."""
+    root = Path(script_args.teacher_dir or Path(training_args.output_dir) / "teachers")
+    teachers = {}
+    for name, families in SHAPES_TEACHER_FAMILIES.items():
+        folder = root / name
+        if not (folder / "pytorch_lora_weights.safetensors").is_file():
+            if not script_args.train_teachers:
+                raise FileNotFoundError(
+                    f"No shapes-world teacher {name!r} in {folder}. Train the teachers first with `flow-trl opd "
+                    "--train_teachers` (flow-trl nft's recipe on each teacher's families, --teacher_max_steps "
+                    "steps), point --teacher_dir to existing ones, or pass --teachers family=path for every family."
+                )
+            train_shapes_teacher(families, folder, script_args, training_args, script_args.teacher_max_steps)
+        teachers.update({family: str(folder) for family in families})
+    return teachers
+
+
+class OPDTrainerScript(TrainerScript):
+    """`flow-trl opd`: the shapes world's teachers are resolved (or trained) before the student."""
+
+    def make_parser(self) -> FlowTrlParser:
+        from ..trainer import FlowOPDConfig
+
+        return FlowTrlParser((OPDScriptArguments, FlowOPDConfig))
+
+    def main(self, script_args: OPDScriptArguments, training_args) -> dict[str, Any]:
+        from ..trainer import FlowOPDTrainer
+
+        if script_args.model is None and not training_args.teachers:
+            training_args.teachers = shapes_teachers(script_args, training_args)
+        return run_training(FlowOPDTrainer, script_args, training_args)
+
+
+SCRIPT = OPDTrainerScript("FlowOPDTrainer", "FlowOPDConfig", SHAPES_OPD_DEFAULTS)
+make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,113 @@
+"""`FlowOPDConfig`: on-policy distillation from task-routed teacher LoRAs (Flow-OPD)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .grpo_config import DanceGRPOConfig
+
+
+OPD_MODES = ("kl_only", "gkd", "mixed")
+COLD_STARTS = ("none", "merge")
+
+
+def parse_teachers(teachers: dict[str, str] | list[str] | None) -> dict[str, str]:
+    """`{task: LoRA path}` from a mapping or from ``["task=path", ...]`` (the command-line form)."""
+    if teachers is None:
+        return {}
+    if isinstance(teachers, dict):
+        return {str(task): str(path) for task, path in teachers.items()}
+    mapping = {}
+    for item in teachers:
+        task, sep, path = str(item).partition("=")
+        if not sep or not task or not path:
+            raise ValueError(f"teachers entries are 'task=path'; got {item!r}.")
+        if task in mapping:
+            raise ValueError(f"Task {task!r} is given two teachers; give each task one teacher.")
+        mapping[task] = path
+    return mapping
+
+
+@dataclass
+class FlowOPDConfig(DanceGRPOConfig):
+    r"""
+    Configuration of [`FlowOPDTrainer`] (Flow-OPD, "On-Policy Distillation for Flow Matching Models",
+    https://huggingface.co/papers/2605.08063; reference/algorithms.md section 7, docs/opd.md).
+
+    Inherits every field of [`DanceGRPOConfig`] (the SDE of rollouts, PPO clip, timestep fraction) and of
+    [`FlowRLConfig`], among them MAR: `mar_coef` (Flow-OPD's beta 0.04) and `mar_adapter` (unset: the base model).
+    OPD fields:
+
+    teachers (`dict[str, str]` or `list[str]`):
+        The teacher of each task: a mapping `{task: LoRA}` or `["task=LoRA", ...]` (the command-line form,
+        `--teachers counting=teachers/counting colors=teachers/attributes`). A LoRA is a diffusers-format folder or
+        file (as `flow-trl` saves) or a Hub id, trained on the student's base model with the student's targets, rank
+        and alpha. Several tasks may share one teacher (it is loaded once). Required (or the trainer's `teachers=`).
+    task_column (`str`, defaults to `"task"`):
+        Dataset column whose value routes each sample to its teacher (the shapes world's family column is `tag`).
+    opd_mode (`str`, defaults to `"kl_only"`):
+        `"kl_only"` (Flow-OPD's default): PPO-clipped surrogate whose per-step advantage is `-teacher_kl_coef * KL_j`,
+        not detached; `"gkd"`: minimise `teacher_kl_coef * mean KL_j` directly (no ratio); `"mixed"`: advantage
+        `A_task - teacher_kl_coef * KL_j` with the group-normalised task advantage of the reward functions. Every
+        advantage is clipped to `advantage_clip`.
+    teacher_kl_coef (`float`, defaults to `1.0`):
+        Scale of the per-step KL reward (Flow-OPD's `-kl_scale`, 1).
+    filter_constant_reward_groups (`bool`, defaults to `False`):
+        Drop (zero the loss of) groups whose task reward is constant, as Flow-OPD's code does in every mode. Off by
+        default: the KL signal of such groups is valid. Needs whole groups on each process.
+    cold_start (`str`, defaults to `"none"`):
+        `"merge"`: the student's adapter starts as the element-wise mean of the teachers' LoRA factors
+        (`flow_trl.lora.merge_lora_adapters`, Flow-OPD's merge cold start); `"none"`: the usual fresh LoRA.
+    init_adapter (`str`, *optional*):
+        A diffusers-format LoRA to start the student's adapter from (e.g. the output of `merge_lora_adapters`
+        with other weights). Exclusive with `cold_start="merge"`.
+
+    > [!NOTE]
+    > Defaults that differ from [`DanceGRPOConfig`], following Flow-OPD: `sde_type="flow"`, `noise_level=0.7`,
+    > `timestep_fraction=0.99`, `mar_coef=0.04`.
+    """
+
+    sde_type: str = field(default="flow", metadata={"help": "Rollout SDE: 'dance', 'flow' or 'cps'."})
+    noise_level: float = field(default=0.7, metadata={"help": "eta of the SDE (positive)."})
+    timestep_fraction: float = field(
+        default=0.99, metadata={"help": "Fraction of each sample's stochastic transitions trained (never the last)."}
+    )
+    mar_coef: float = field(
+        default=0.04, metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (0: off)."}
+    )
+    teachers: list[str] | None = field(
+        default=None,
+        metadata={"help": "Teacher LoRA of each task: 'task=path' entries (or a YAML mapping task: path)."},
+    )
+    task_column: str = field(default="task", metadata={"help": "Dataset column that routes samples to teachers."})
+    opd_mode: str = field(default="kl_only", metadata={"help": "'kl_only' (PPO, KL reward), 'gkd' or 'mixed'."})
+    teacher_kl_coef: float = field(default=1.0, metadata={"help": "Scale of the per-step -KL reward."})
+    filter_constant_reward_groups: bool = field(
+        default=False, metadata={"help": "Zero the loss of groups whose task reward is constant."}
+    )
+    cold_start: str = field(
+        default="none", metadata={"help": "'merge': start the student as the mean of the teacher LoRAs; 'none'."}
+    )
+    init_adapter: str | None = field(
+        default=None, metadata={"help": "LoRA to start the student's adapter from (exclusive with cold_start)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.teachers = parse_teachers(self.teachers) or None
+        if self.opd_mode not in OPD_MODES:
+            raise ValueError(f"opd_mode must be one of {OPD_MODES}; got {self.opd_mode!r}.")
+        if self.cold_start not in COLD_STARTS:
+            raise ValueError(f"cold_start must be one of {COLD_STARTS}; got {self.cold_start!r}.")
+        if self.cold_start == "merge" and self.init_adapter is not None:
+            raise ValueError("Set either cold_start='merge' or init_adapter, not both.")
+        if self.teacher_kl_coef <= 0:
+            raise ValueError(f"teacher_kl_coef must be positive; got {self.teacher_kl_coef}.")
+        if self.filter_constant_reward_groups and (self.per_device_train_batch_size * self.steps_per_generation) % (
+            self.num_generations
+        ):
+            raise ValueError(
+                "filter_constant_reward_groups needs whole groups on each process: per_device_train_batch_size x "
+                f"steps_per_generation ({self.per_device_train_batch_size} x {self.steps_per_generation}) must be "
+                f"divisible by num_generations ({self.num_generations})."
+            )
