@@ -6,7 +6,7 @@ Pairs: the shipped base model samples every train (resp. held-out) prompt `--num
 seeds); two samples of one prompt whose shapes scores differ by at least `--min_gap` form a pair. The DRM (first
 `--num_blocks` blocks of the base transformer + head) is trained on the train pairs with `DRMTrainer` and evaluated
 on the held-out pairs at several sigmas with a fixed noise per pair. Saves the DRM to `<output_dir>/drm`, the curve
-to `docs/images/drm_accuracy_vs_sigma.png` (with `--plot`), and prints the figures as JSON.
+to `--plot`, and prints the figures as JSON. The pairs are cached in `--pairs_dir` (reused by later runs).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_samples", type=int, default=4, help="Base-model samples per prompt.")
     parser.add_argument("--min_gap", type=float, default=0.25, help="Minimum shapes-score gap of a pair.")
+    parser.add_argument("--min_gap_train", type=float, default=0.0, help="Keep only train pairs with this gap.")
+    parser.add_argument("--pairs_dir", default=None, help="Cache of the pairs (default: <output_dir>/pairs).")
+    parser.add_argument("--sigma_max", type=float, default=1.0, help="Highest training sigma.")
     parser.add_argument("--num_blocks", type=int, default=2)
     parser.add_argument("--loss_type", default="bradley_terry")
     parser.add_argument("--max_steps", type=int, default=600)
@@ -40,8 +43,22 @@ def main() -> None:
 
     pipe = load_shapes_pipeline()
     start = time.time()
-    train = sample_preference_pairs(pipe, split_prompts("train"), "shapes", args.num_samples, args.min_gap, seed=0)
-    test = sample_preference_pairs(pipe, split_prompts("test"), "shapes", args.num_samples, args.min_gap, seed=10**6)
+    cache = Path(args.pairs_dir or Path(args.output_dir) / "pairs")
+    if (cache / "train").exists():
+        from datasets import load_from_disk
+
+        train, test = (load_from_disk(str(cache / split)) for split in ("train", "test"))
+        for dataset in (train, test):
+            dataset.set_format("torch", columns=["chosen_latents", "rejected_latents"], output_all_columns=True)
+    else:
+        train = sample_preference_pairs(pipe, split_prompts("train"), "shapes", args.num_samples, args.min_gap, seed=0)
+        test = sample_preference_pairs(
+            pipe, split_prompts("test"), "shapes", args.num_samples, args.min_gap, seed=10**6
+        )
+        train.save_to_disk(str(cache / "train"))
+        test.save_to_disk(str(cache / "test"))
+    if args.min_gap_train > args.min_gap:
+        train = train.filter(lambda r: r["chosen_score"] - r["rejected_score"] >= args.min_gap_train)
     data_minutes = (time.time() - start) / 60
     config = DRMConfig(
         output_dir=args.output_dir,
@@ -57,6 +74,7 @@ def main() -> None:
         eval_sigmas=SIGMAS,
         lr_scheduler_type="cosine",
         warmup_steps=20,
+        sigma_max=args.sigma_max,
     )
     trainer = DRMTrainer(pipe, args=config, train_dataset=train, eval_dataset=test)
     before = trainer.accuracy_by_sigma()

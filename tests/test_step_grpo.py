@@ -124,3 +124,23 @@ def test_step_grpo_config_errors(tmp_path):
         step_config(tmp_path, terminal_reward_weight=2.0)
     with pytest.raises(ValueError, match="needs a DiffusionRewardModel"):
         StepGRPOTrainer(MODEL, args=step_config(tmp_path), train_dataset=shapes_dataset("train"))
+
+
+def test_cli_trains_a_drm_and_step_grpo_reads_its_recipe(tmp_path, monkeypatch):
+    import flow_trl.toy
+    from flow_trl.cli import main
+    from flow_trl.scripts import step_grpo
+    from flow_trl.scripts.utils import parse_with_shapes_defaults
+
+    rows = {split: flow_trl.toy.split_prompts(split)[:12] for split in ("train", "test")}
+    monkeypatch.setattr(flow_trl.toy, "split_prompts", lambda split: rows[split])
+    drm_dir = tmp_path / "drm"
+    flags = f"--output_dir {drm_dir} --max_steps 2 --num_samples 4 --min_gap 0.01 --num_blocks 1"
+    main(["drm", *flags.split(), "--per_device_train_batch_size", "4"])
+    assert (drm_dir / "drm_eval.json").exists()
+    assert DiffusionRewardModel.from_pretrained(str(drm_dir)).config.num_blocks == 1
+    _, args = parse_with_shapes_defaults(
+        step_grpo.make_parser(), ["--step_advantage", "gain"], step_grpo.SHAPES_STEP_GRPO_DEFAULTS
+    )
+    assert isinstance(args, StepGRPOConfig) and args.drm_model_name_or_path == "shapes-drm"
+    assert args.step_advantage == "gain" and args.learning_rate == 3e-3  # GRPO's shapes recipe
