@@ -19,33 +19,73 @@ SCRIPTS = sorted((ROOT / "examples" / "scripts").glob("*.py"))
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2", "--steps_per_generation",
         "1", "--num_inference_steps", "2", "--eval_num_per_family", "1", "--lora_r", "4"]
-# per-algorithm flags that shrink one step further
-EXTRA = {"nft": [], "awm": ["--num_train_timesteps", "1"], "dpo": ["--num_train_timesteps", "1"], "grpo": [],
-         "opd": ["--train_teachers", "true", "--teacher_max_steps", "1"]}  # opd: tiny teachers in output_dir
+# per-command flags that shrink one run further
+EXTRA = {
+    "nft": [],
+    "awm": ["--num_train_timesteps", "1"],
+    "dpo": ["--num_train_timesteps", "1"],
+    "grpo": [],
+    "step_grpo": [],  # + the tiny DRM of the `tiny_drm` fixture
+    "opd": ["--train_teachers", "true", "--teacher_max_steps", "1"],  # tiny teachers in output_dir
+}
+DRM_FLAGS = ["--max_steps", "1", "--num_samples", "4", "--min_gap", "0.01", "--num_blocks", "1",
+             "--per_device_train_batch_size", "4"]
 
 
 def command_of(path: Path) -> str:
-    """`nft_shapes.yaml` and `nft.py` belong to `flow-trl nft`."""
-    return path.stem.split("_")[0]
+    """`nft_shapes.yaml` and `nft.py` belong to `flow-trl nft`, `step_grpo.py` to `flow-trl step_grpo`."""
+    return next(c for c in sorted(TRAINING_COMMANDS, key=len, reverse=True)
+                if path.stem == c or path.stem.startswith(f"{c}_"))
+
+
+@pytest.fixture
+def few_prompts(monkeypatch):
+    """The DRM recipe samples every split prompt to build its preference pairs: 8 per split here."""
+    import flow_trl.toy
+
+    rows = {split: flow_trl.toy.split_prompts(split)[:8] for split in ("train", "test")}
+    monkeypatch.setattr(flow_trl.toy, "split_prompts", lambda split: rows[split])
+
+
+@pytest.fixture
+def tiny_drm(tmp_path, few_prompts):
+    """A one-step DRM trained by `flow-trl drm`, for the StepGRPO examples."""
+    out = tmp_path / "drm"
+    assert main(["drm", "--output_dir", str(out), *DRM_FLAGS]) == 0
+    return str(out)
+
+
+def tiny_flags(command: str, request) -> list[str]:
+    if command == "drm":
+        request.getfixturevalue("few_prompts")
+        return DRM_FLAGS
+    if command == "step_grpo":
+        return [*TINY, "--drm_model_name_or_path", request.getfixturevalue("tiny_drm")]
+    return [*TINY, *EXTRA[command]]
 
 
 def test_every_example_has_a_command_and_tiny_flags():
     assert SCRIPTS and CONFIGS
     for path in SCRIPTS + CONFIGS:
-        assert command_of(path) in TRAINING_COMMANDS and command_of(path) in EXTRA, path.name
+        command = command_of(path)
+        assert command in TRAINING_COMMANDS and (command in EXTRA or command == "drm"), path.name
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_example_script_runs_a_step_on_the_shapes_world(script, tmp_path, monkeypatch):
-    argv = [str(script), "--output_dir", str(tmp_path), *TINY, *EXTRA[command_of(script)]]
+def test_example_script_runs_on_the_shapes_world(script, tmp_path, monkeypatch, request):
+    command = command_of(script)
+    argv = [str(script), "--output_dir", str(tmp_path / "out"), *tiny_flags(command, request)]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(script), run_name="__main__")
-    report = json.loads((tmp_path / "shapes_eval.json").read_text())
-    assert report["after"]["score"] >= 0 and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    if command == "drm":
+        assert json.loads((tmp_path / "out" / "drm_eval.json").read_text())
+        return
+    report = json.loads((tmp_path / "out" / "shapes_eval.json").read_text())
+    assert report["after"]["score"] >= 0 and (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "shapes" in c.stem], ids=lambda p: p.name)
-def test_shapes_config_is_the_recipe_and_runs_a_step(config, tmp_path):
+def test_shapes_config_is_the_recipe_and_runs_a_step(config, tmp_path, request):
     import importlib
 
     module = importlib.import_module(TRAINING_COMMANDS[command_of(config)])
@@ -56,9 +96,10 @@ def test_shapes_config_is_the_recipe_and_runs_a_step(config, tmp_path):
         ["--output_dir", str(tmp_path)], defaults=recipe
     )
     assert script_args == default_script_args and args.to_dict() == default_args.to_dict()  # no drift from the recipe
-    assert main([command_of(config), "--config", str(config), "--output_dir", str(tmp_path), *TINY,
-                 *EXTRA[command_of(config)]]) == 0
-    assert (tmp_path / "README.md").is_file()
+    command = command_of(config)
+    assert main([command, "--config", str(config), "--output_dir", str(tmp_path / "out"),
+                 *tiny_flags(command, request)]) == 0
+    assert (tmp_path / "out" / ("drm_eval.json" if command == "drm" else "README.md")).is_file()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
