@@ -1,12 +1,13 @@
 """Train a DRM on shapes preference pairs and measure its held-out pairwise accuracy against the noise level.
 
-    python benchmarks/drm_accuracy.py [--max_steps 600] [--output_dir runs/drm]
+    python benchmarks/drm_accuracy.py [--max_steps 800] [--learning_rate 1e-3] [--output_dir runs/drm]
 
 Pairs: the shipped base model samples every train (resp. held-out) prompt `--num_samples` times (ODE, distinct
 seeds); two samples of one prompt whose shapes scores differ by at least `--min_gap` form a pair. The DRM (first
 `--num_blocks` blocks of the base transformer + head) is trained on the train pairs with `DRMTrainer` and evaluated
-on the held-out pairs at several sigmas with a fixed noise per pair. Saves the DRM to `<output_dir>/drm`, the curve
-to `--plot`, and prints the figures as JSON. The pairs are cached in `--pairs_dir` (reused by later runs).
+on the held-out pairs at several sigmas with a fixed noise per pair, also on the clear ones (gap >= `--clear_gap`).
+Saves the DRM to `<output_dir>/drm`, the curve to `--plot`, and prints the figures as JSON. The pairs are cached in
+`--pairs_dir` (reused by later runs).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_samples", type=int, default=4, help="Base-model samples per prompt.")
     parser.add_argument("--min_gap", type=float, default=0.25, help="Minimum shapes-score gap of a pair.")
+    parser.add_argument("--clear_gap", type=float, default=0.5, help="Also report held-out pairs with this gap.")
     parser.add_argument("--min_gap_train", type=float, default=0.0, help="Keep only train pairs with this gap.")
     parser.add_argument("--pairs_dir", default=None, help="Cache of the pairs (default: <output_dir>/pairs).")
     parser.add_argument("--sigma_max", type=float, default=1.0, help="Highest training sigma.")
     parser.add_argument("--num_blocks", type=int, default=2)
     parser.add_argument("--loss_type", default="bradley_terry")
-    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--max_steps", type=int, default=800)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="runs/drm")
     parser.add_argument("--plot", default=None, help="PNG path of the accuracy-vs-sigma curve.")
@@ -82,6 +84,8 @@ def main() -> None:
     trainer.train()
     train_minutes = (time.time() - start) / 60
     after = trainer.accuracy_by_sigma()
+    clear = test.filter(lambda r: r["chosen_score"] - r["rejected_score"] >= args.clear_gap)
+    after_clear = trainer.accuracy_by_sigma(clear)
     train_acc = trainer.accuracy_by_sigma(trainer.train_dataset, [0.0])[0.0]
     trainer.save_model(str(Path(args.output_dir) / "drm"))
     result = {
@@ -92,6 +96,8 @@ def main() -> None:
         "train_accuracy_clean": round(train_acc, 4),
         "test_accuracy_before": {str(s): round(a, 4) for s, a in before.items()},
         "test_accuracy": {str(s): round(a, 4) for s, a in after.items()},
+        "clear_test_pairs": len(clear),
+        "clear_test_accuracy": {str(s): round(a, 4) for s, a in after_clear.items()},
         "config": vars(args),
     }
     Path(args.output_dir, "results.json").write_text(json.dumps(result, indent=2))
@@ -103,12 +109,13 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 3.4))
-        ax.plot(SIGMAS, [after[s] for s in SIGMAS], "o-", label="trained DRM")
+        ax.plot(SIGMAS, [after[s] for s in SIGMAS], "o-", label=f"trained DRM, all {len(test)} pairs")
+        ax.plot(SIGMAS, [after_clear[s] for s in SIGMAS], "s-", label=f"trained DRM, {len(clear)} clear pairs")
         ax.plot(SIGMAS, [before[s] for s in SIGMAS], "x--", color="grey", label="initial (random head)")
         ax.axhline(0.5, color="black", lw=0.6, ls=":")
         ax.set_xlabel("sigma of the shared noise (0 = clean, 1 = pure noise)")
         ax.set_ylabel("held-out pairwise accuracy")
-        ax.set_title(f"DRM (K={args.num_blocks}) on shapes pairs, {len(test)} held-out pairs", fontsize=9)
+        ax.set_title(f"DRM (K={args.num_blocks}) on held-out shapes pairs", fontsize=9)
         ax.set_ylim(0.3, 1.0)
         ax.legend(fontsize=8)
         fig.tight_layout()
