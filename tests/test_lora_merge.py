@@ -1,0 +1,121 @@
+"""flow_trl.lora: merging diffusers-format LoRAs factor by factor, and loading one as a named adapter."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from flow_trl.lora import LORA_METADATA_KEY, load_lora_adapter, merge_lora_adapters, read_lora
+from flow_trl.toy import load_shapes_pipeline
+
+
+KEYS = ("transformer.blocks.0.to_q.lora_A.weight", "transformer.blocks.0.to_q.lora_B.weight")
+
+
+def write_lora(folder, rank=2, seed=0, alpha=None):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {KEYS[0]: torch.randn(rank, 6, generator=g), KEYS[1]: torch.randn(5, rank, generator=g)}
+    metadata = {LORA_METADATA_KEY: json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha or rank})}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "pytorch_lora_weights.safetensors"), metadata=metadata)
+    return tensors
+
+
+def test_mean_is_the_elementwise_mean_of_the_factors_and_is_saved(tmp_path):
+    a, b = write_lora(tmp_path / "a", seed=0), write_lora(tmp_path / "b", seed=1)
+    merged = merge_lora_adapters([tmp_path / "a", tmp_path / "b"], output_dir=tmp_path / "m")
+    for key in KEYS:
+        torch.testing.assert_close(merged[key], (a[key] + b[key]) / 2)
+    saved, metadata = read_lora(tmp_path / "m")
+    assert set(saved) == set(KEYS) and all(torch.equal(saved[k], merged[k]) for k in KEYS)
+    assert json.loads(metadata[LORA_METADATA_KEY])["transformer.r"] == 2  # the first adapter's config
+    # factors are averaged, not products: mean(B) @ mean(A) != mean(B @ A) (the cross terms), as docs/opd.md says
+    products = (a[KEYS[1]] @ a[KEYS[0]] + b[KEYS[1]] @ b[KEYS[0]]) / 2
+    assert not torch.allclose(merged[KEYS[1]] @ merged[KEYS[0]], products)
+
+
+def test_weighted_and_sum(tmp_path):
+    a, b = write_lora(tmp_path / "a", seed=0), write_lora(tmp_path / "b", seed=1)
+    weighted = merge_lora_adapters([tmp_path / "a", tmp_path / "b"], weights=[1.0, 3.0], method="weighted")
+    summed = merge_lora_adapters([tmp_path / "a", tmp_path / "b"], method="sum")
+    for key in KEYS:
+        torch.testing.assert_close(weighted[key], 0.25 * a[key] + 0.75 * b[key])
+        torch.testing.assert_close(summed[key], a[key] + b[key])
+
+
+def test_merge_errors(tmp_path):
+    write_lora(tmp_path / "a", rank=2)
+    write_lora(tmp_path / "r4", rank=4)
+    with pytest.raises(ValueError, match="rank or base model"):
+        merge_lora_adapters([tmp_path / "a", tmp_path / "r4"])
+    save_file({KEYS[0]: torch.zeros(2, 6)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="same modules"):
+        merge_lora_adapters([tmp_path / "a", tmp_path / "other.safetensors"])
+    with pytest.raises(ValueError, match="weights"):
+        merge_lora_adapters([tmp_path / "a", tmp_path / "a"], method="weighted")
+    with pytest.raises(ValueError, match="method"):
+        merge_lora_adapters([tmp_path / "a"], method="median")
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
+        merge_lora_adapters([tmp_path / "missing"])
+
+
+@pytest.fixture(scope="module")
+def saved_lora(tmp_path_factory):
+    """A random LoRA (r4, alpha 8, the SD3 attention targets) on the shapes pipeline, saved as flow_trl saves."""
+    pipe = load_shapes_pipeline()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    pipe.transformer.add_adapter(config)
+    from peft.utils import get_peft_model_state_dict
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    folder = tmp_path_factory.mktemp("lora")
+    type(pipe).save_lora_weights(
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    return folder, config
+
+
+def transformer_output(transformer):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, transformer.config.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(1, 4, transformer.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, transformer.config.pooled_projection_dim, generator=g)
+    with torch.no_grad():
+        return transformer(x, ctx, pooled, torch.tensor([500.0])).sample
+
+
+def test_named_adapter_matches_diffusers_load_lora_weights(saved_lora):
+    folder, config = saved_lora
+    reference = load_shapes_pipeline()
+    reference.load_lora_weights(folder)
+    expected = transformer_output(reference.transformer)
+
+    pipe = load_shapes_pipeline()
+    base = transformer_output(pipe.transformer)
+    pipe.transformer.add_adapter(config)  # the student's adapter ("default", B = 0)
+    load_lora_adapter(pipe.transformer, folder, "teacher")
+    assert not any(p.requires_grad for n, p in pipe.transformer.named_parameters() if ".teacher." in n)
+    pipe.transformer.set_adapter("teacher")
+    torch.testing.assert_close(transformer_output(pipe.transformer), expected)
+    assert not torch.allclose(expected, base)  # the LoRA changes the output, so the comparison can fail
+
+
+def test_named_adapter_errors_on_other_rank_targets_or_alpha(saved_lora):
+    folder, config = saved_lora
+    for student, message in [
+        (LoraConfig(r=8, lora_alpha=8, target_modules=config.target_modules), "rank or base model"),
+        (LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"]), "same modules"),
+        (LoraConfig(r=4, lora_alpha=4, target_modules=config.target_modules), "lora_alpha"),
+    ]:
+        pipe = load_shapes_pipeline()
+        pipe.transformer.add_adapter(student)
+        with pytest.raises(ValueError, match=message):
+            load_lora_adapter(pipe.transformer, folder, "teacher")
