@@ -1,6 +1,6 @@
 """Train a DRM on shapes preference pairs and measure its held-out pairwise accuracy against the noise level.
 
-    python benchmarks/drm_accuracy.py [--max_steps 800] [--learning_rate 1e-3] [--output_dir runs/drm]
+    python benchmarks/drm_accuracy.py [--max_steps 1500] [--learning_rate 3e-4] [--output_dir runs/drm]
 
 Pairs: the shipped base model samples every train (resp. held-out) prompt `--num_samples` times (ODE, distinct
 seeds); two samples of one prompt whose shapes scores differ by at least `--min_gap` form a pair. The DRM (first
@@ -31,9 +31,9 @@ def main() -> None:
     parser.add_argument("--sigma_max", type=float, default=1.0, help="Highest training sigma.")
     parser.add_argument("--num_blocks", type=int, default=2)
     parser.add_argument("--loss_type", default="bradley_terry")
-    parser.add_argument("--max_steps", type=int, default=800)
+    parser.add_argument("--max_steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="runs/drm")
     parser.add_argument("--plot", default=None, help="PNG path of the accuracy-vs-sigma curve.")

@@ -1,6 +1,7 @@
 """Step-GRPO vs terminal-reward GRPO on the shapes world, with the same DRM as the reward, budget and seeds.
 
-    python benchmarks/step_grpo.py --drm runs/drm/drm [--seeds 0 1 2] [--max_steps 120] [--eval_steps 20]
+    python benchmarks/step_grpo.py --drm runs/drm/drm [--seeds 0 1 2] [--max_steps 60] [--eval_steps 15]
+    python benchmarks/step_grpo.py --merge runs/a/results.json runs/b/results.json --plot out.png  # seeds apart
 
 Both runs are `flow-trl dance_grpo`'s shapes recipe (LoRA r16, 32 images per step, 8 per prompt, 10 steps, Dance-SDE
 eta 0.3, clip 1e-3, 40% of the transitions per sample) at `--learning_rate`. GRPO's reward is the DRM on the final
@@ -71,71 +72,95 @@ def steps_to_reach(curve: list[dict], target: float) -> int | None:
     return next((point["step"] for point in curve if point["drm"] >= target), None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--drm", required=True, help="Path of the trained DiffusionRewardModel.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max_steps", type=int, default=120)
-    parser.add_argument("--eval_steps", type=int, default=20)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--step_advantage", default="score")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output_dir", default="runs/step-grpo")
-    parser.add_argument("--plot", default=None)
-    args = parser.parse_args()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"config": vars(args), "runs": {}}
-    for seed in args.seeds:
-        for method in ("grpo", "step_grpo"):
-            results["runs"][f"{method}-seed{seed}"] = run(method, seed, args, out)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+def summarize(runs: dict, seeds: list[int]) -> dict:
+    """Per seed: held-out DRM and shapes scores before/after, and the steps each method needs to reach GRPO's final
+    held-out DRM score."""
     summary = {}
-    for seed in args.seeds:
-        grpo, step = results["runs"][f"grpo-seed{seed}"], results["runs"][f"step_grpo-seed{seed}"]
+    for seed in seeds:
+        grpo, step = runs[f"grpo-seed{seed}"], runs[f"step_grpo-seed{seed}"]
         target = grpo["curve"][-1]["drm"]
         summary[seed] = {
+            "drm_before": round(grpo["curve"][0]["drm"], 4),
             "grpo_final_drm": round(target, 4),
             "step_grpo_final_drm": round(step["curve"][-1]["drm"], 4),
-            "drm_before": round(grpo["curve"][0]["drm"], 4),
+            "grpo_steps_to_grpo_final": steps_to_reach(grpo["curve"], target),
             "step_grpo_steps_to_grpo_final": steps_to_reach(step["curve"], target),
-            "grpo_steps_to_own_final": steps_to_reach(grpo["curve"], target),
             "shapes_before": round(grpo["curve"][0]["shapes"], 4),
             "grpo_final_shapes": round(grpo["curve"][-1]["shapes"], 4),
             "step_grpo_final_shapes": round(step["curve"][-1]["shapes"], 4),
             "minutes": [grpo["minutes"], step["minutes"]],
         }
-    results["summary"] = summary
+    return summary
+
+
+def plot(runs: dict, seeds: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for method, colour in (("grpo", "tab:blue"), ("step_grpo", "tab:orange")):
+        for k, seed in enumerate(seeds):
+            curve = runs[f"{method}-seed{seed}"]["curve"]
+            for ax, key in zip(axes, ("drm", "shapes")):
+                label = ("GRPO (terminal DRM)" if method == "grpo" else "Step-GRPO") if k == 0 else None
+                ax.plot(
+                    [p["step"] for p in curve],
+                    [p[key] for p in curve],
+                    "o-",
+                    color=colour,
+                    alpha=0.7,
+                    label=label,
+                    ms=3,
+                )
+    axes[0].set_ylabel("held-out DRM score (the reward)")
+    axes[1].set_ylabel("held-out shapes score (not optimised)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drm", help="Path of the trained DiffusionRewardModel.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max_steps", type=int, default=60)
+    parser.add_argument("--eval_steps", type=int, default=15)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--step_advantage", default="score")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output_dir", default="runs/step-grpo")
+    parser.add_argument("--plot", default=None)
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="Do not train: summarise (and plot) the runs of these results.json files (seeds run in "
+        "separate processes).",
+    )
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"config": vars(args), "runs": {}}
+    if args.merge:
+        for path in args.merge:
+            results["runs"].update(json.loads(Path(path).read_text())["runs"])
+    else:
+        if args.drm is None:
+            parser.error("--drm is required unless --merge is given.")
+        for seed in args.seeds:
+            for method in ("grpo", "step_grpo"):
+                results["runs"][f"{method}-seed{seed}"] = run(method, seed, args, out)
+                (out / "results.json").write_text(json.dumps(results, indent=2))
+    results["summary"] = summarize(results["runs"], args.seeds)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(results["summary"], indent=2))
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for method, colour in (("grpo", "tab:blue"), ("step_grpo", "tab:orange")):
-            for k, seed in enumerate(args.seeds):
-                curve = results["runs"][f"{method}-seed{seed}"]["curve"]
-                for ax, key in zip(axes, ("drm", "shapes")):
-                    label = ("GRPO (terminal DRM)" if method == "grpo" else "Step-GRPO") if k == 0 else None
-                    ax.plot(
-                        [p["step"] for p in curve],
-                        [p[key] for p in curve],
-                        "o-",
-                        color=colour,
-                        alpha=0.7,
-                        label=label,
-                        ms=3,
-                    )
-        axes[0].set_ylabel("held-out DRM score (the reward)")
-        axes[1].set_ylabel("held-out shapes score (not optimised)")
-        for ax in axes:
-            ax.set_xlabel("optimizer step")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        plot(results["runs"], args.seeds, args.plot)
 
 
 if __name__ == "__main__":

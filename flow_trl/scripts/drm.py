@@ -32,10 +32,10 @@ class DRMScriptArguments(ScriptArguments):
 SHAPES_DRM_DEFAULTS: dict[str, Any] = {
     "output_dir": "shapes-drm",
     "use_peft": False,
-    "max_steps": 800,
+    "max_steps": 1500,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-4,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 20,
     "logging_steps": 50,
