@@ -6,6 +6,7 @@ sigma, and the Bradley-Terry or the noise-calibrated Thurstone loss pushes the c
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections import defaultdict
@@ -145,8 +146,6 @@ class DRMTrainer(Trainer):
         self.is_lora = peft_config is not None
         if self.is_lora:
             if peft_config.target_modules is None:
-                import copy
-
                 peft_config = copy.deepcopy(peft_config)
                 peft_config.target_modules = set(self.adapter.default_lora_target_modules)
             drm.requires_grad_(False)
@@ -167,8 +166,8 @@ class DRMTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        for module in self.adapter.frozen_modules():
-            module.to(self.accelerator.device)
+        # the text encoders and VAE stay where the generator is (the adapter encodes on its transformer's device);
+        # batches are moved to the DRM's device by the Trainer
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _encode(self, dataset):
