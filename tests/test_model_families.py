@@ -448,6 +448,7 @@ TRAINERS = {  # trainer -> (config class, settings of a one-step run); every Flo
     "FlowAWMTrainer": (trainers.FlowAWMConfig, dict(num_train_timesteps=1, timestep_sampler="logit_normal")),
     "FlowDPOTrainer": (trainers.FlowDPOConfig, dict(num_train_timesteps=1)),
     "DanceGRPOTrainer": (trainers.DanceGRPOConfig, dict(timestep_fraction=1.0)),
+    "FlowOPDTrainer": (trainers.FlowOPDConfig, dict(timestep_fraction=1.0)),  # + a teacher LoRA of the family
 }
 
 
@@ -457,12 +458,21 @@ def make_trainer(pipes, family, name, tmp_path, **overrides):
         output_dir=str(tmp_path / name), guidance_scale=GUIDANCE[family], **{**COMMON, **settings, **overrides}
     )
     dataset = Dataset.from_dict({"prompt": ["a red circle", "a blue square", "two green triangles", "a red square"]})
+    kwargs = {}
+    if name == "FlowOPDTrainer":  # one task; its teacher: a LoRA trained for one NFT step on this family
+        teacher_dir = tmp_path / "teacher"
+        teacher = make_trainer(pipes, family, "FlowNFTTrainer", tmp_path / "teacher_run", seed=1)
+        teacher.train()
+        teacher.save_model(str(teacher_dir))
+        dataset = dataset.add_column("task", ["t"] * len(dataset))
+        kwargs["teachers"] = {"t": str(teacher_dir)}
     return getattr(trainers, name)(
         copy.deepcopy(pipes[family]),
         args=args,
         reward_funcs=[redness],
         train_dataset=dataset,
         peft_config=LoraConfig(r=4, init_lora_weights="gaussian"),
+        **kwargs,
     )
 
 
