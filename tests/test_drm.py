@@ -191,3 +191,18 @@ def test_drm_config_errors(tmp_path):
         drm_config(tmp_path, loss_type="hinge")
     with pytest.raises(ValueError, match="sigma_min <= sigma_max"):
         drm_config(tmp_path, sigma_min=0.8, sigma_max=0.2)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, shapes_pipe, lora):
+    def make(name, **kw):
+        peft = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian") if lora else None
+        args = drm_config(tmp_path, output_dir=str(tmp_path / name), save_strategy="steps", save_steps=1, **kw)
+        return DRMTrainer(shapes_pipe, args=args, train_dataset=latent_pairs(), peft_config=peft)
+
+    full = make("full")
+    full.train()
+    resumed = make("resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
