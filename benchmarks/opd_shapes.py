@@ -169,8 +169,7 @@ def main() -> None:
     runs = {
         "opd_mar": ("opd", 0.04),
         "opd_no_mar": ("opd", 0.0),
-        "nft_multitask": ("nft", 0.0),
-        "grpo_multitask": ("grpo", 0.0),
+        **{f"{kind}_multitask": (kind, 0.0) for kind in args.baselines},
     }
     for name, (kind, mar_coef) in runs.items():
         if not (out / name / "pytorch_lora_weights.safetensors").is_file():
