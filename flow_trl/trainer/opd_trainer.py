@@ -117,7 +117,7 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
             optimizers=optimizers,
             peft_config=peft_config,
         )
-        self.teachers = teachers
+        self.teachers = self.args.teachers = teachers  # recorded in training_args.bin and the model card
         if train_dataset is not None:
             self._check_routing(
                 train_dataset[self.args.task_column] if self.args.task_column in train_dataset.column_names else None
