@@ -70,6 +70,9 @@ def render_model_card(
     global_step: int = 0,
     tags: list[str] | None = None,
     dataset_name: str | None = None,
+    base_expr: str | None = None,
+    base_import: str | None = None,
+    call_kwargs: dict[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of a trained model, rendered from `MODEL_CARD_TEMPLATE`.
 
@@ -81,6 +84,10 @@ def render_model_card(
         paper: ``{"title", "id" (arXiv), "citation" (BibTeX)}`` of the algorithm.
         evaluation: final metrics to tabulate.
         sample_image: a path relative to the card (e.g. ``"sample_grid.png"``).
+        base_expr, base_import: the Python expression the usage snippet loads the base pipeline from (and the import
+            it needs) when the base is not a Hub id, e.g. ``"str(SHAPES_PIPELINE_DIR)"``.
+        call_kwargs: extra keyword arguments of the pipeline call in the usage snippet (e.g. the text length used in
+            training).
     """
     paper = paper or {}
     card_tags = ["flow-trl", algorithm.lower(), *(["lora"] if is_lora else []), "text-to-image", "diffusers"]
@@ -108,6 +115,9 @@ def render_model_card(
         evaluation={k: (round(v, 4) if isinstance(v, float) else v) for k, v in (evaluation or {}).items()},
         sample_image=sample_image,
         example_prompt=example_prompt,
+        base_expr=base_expr or (f'"{base_model}"' if base_model else '"<base model id or path>"'),
+        base_import=base_import,
+        call_kwargs=call_kwargs or {},
         num_inference_steps=hyperparameters.get("num_inference_steps", 28),
         guidance_scale=guidance,
         global_step=global_step,

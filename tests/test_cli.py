@@ -12,7 +12,7 @@ TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generat
 
 
 @pytest.mark.parametrize("command", ["nft", "awm", "dpo", "dance_grpo"])
-def test_training_commands_on_the_shapes_world_report_before_and_after(tmp_path, capsys, command):
+def test_training_commands_on_the_shapes_world_report_before_and_after(tmp_path, capsys, monkeypatch, command):
     extra = ["--num_train_timesteps", "1"] if command in ("awm", "dpo") else []
     assert main([command, "--output_dir", str(tmp_path), *TINY, *extra]) == 0
     report = json.loads((tmp_path / "shapes_eval.json").read_text())
@@ -23,6 +23,12 @@ def test_training_commands_on_the_shapes_world_report_before_and_after(tmp_path,
     card = (tmp_path / "README.md").read_text()  # the model card carries the before/after figures and the grid
     assert f"{report['before']['score']:.3f} -> {report['after']['score']:.3f}" in card
     assert (tmp_path / "sample_grid.png").is_file()
+    if command == "nft":  # its usage snippet runs as written (the repo id is the output folder's name)
+        snippet = card.split("```python\n")[1].split("```")[0]
+        monkeypatch.chdir(tmp_path.parent)
+        namespace = {}
+        exec(snippet, namespace)
+        assert namespace["image"].size == (64, 64)
 
 
 def test_yaml_config_sets_values_and_flags_override(tmp_path):

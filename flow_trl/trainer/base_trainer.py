@@ -699,6 +699,8 @@ class FlowRLTrainer(Trainer):
             tags=[t for t in self._tag_names if t not in ("diffusers", "text-to-image")]
             + ([tags] if isinstance(tags, str) else list(tags or [])),
             dataset_name=dataset_name,
+            call_kwargs={"max_sequence_length": self.adapter.max_sequence_length},
+            **self._card_base_source(),
         )
         card.save(output_dir / "README.md")
 
@@ -707,6 +709,16 @@ class FlowRLTrainer(Trainer):
         """The Hub id of the base pipeline (`None` when it was loaded from a local folder)."""
         name = getattr(self.pipe, "name_or_path", None)
         return name if is_hub_id(name) else None
+
+    def _card_base_source(self) -> dict[str, str]:
+        """How the card's usage snippet loads a base that is not on the Hub: the shipped shapes pipeline by name."""
+        from ..toy import SHAPES_PIPELINE_DIR
+
+        name = getattr(self.pipe, "name_or_path", None)
+        if name and os.path.isdir(name) and Path(name).resolve() == SHAPES_PIPELINE_DIR.resolve():
+            return {"base_expr": "str(SHAPES_PIPELINE_DIR)",
+                    "base_import": "from flow_trl.toy import SHAPES_PIPELINE_DIR"}
+        return {}
 
     def _last_eval_metrics(self) -> dict[str, float]:
         for entry in reversed(self.state.log_history):
