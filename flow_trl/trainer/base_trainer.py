@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -30,13 +29,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
 from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats, slas_advantages
-from ..hub import SAMPLE_GRID_NAME, card_hyperparameters, is_hub_id, render_model_card
 from ..models import get_adapter, index_conditioning, load_pipeline
 from ..regularizers import velocity_kl, velocity_norm_ratio
 from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
 from ..sampling import rollout
 from .base_config import FlowRLConfig
 from .callbacks import use_diffusers_callbacks
+from .model_card import ModelCardMixin
 from .utils import soft_update_decay
 
 
@@ -89,7 +88,7 @@ def _identity(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
-class FlowRLTrainer(Trainer):
+class FlowRLTrainer(ModelCardMixin, Trainer):
     """Base trainer of flow_trl; use one of its algorithm subclasses (e.g. [`FlowNFTTrainer`]).
 
     Args:
@@ -638,116 +637,6 @@ class FlowRLTrainer(Trainer):
         else:
             self.transformer.save_pretrained(os.path.join(output_dir, "transformer"))
         torch.save(_without_tokens(self.args), os.path.join(output_dir, "training_args.bin"))
-
-    # ---- model card ---------------------------------------------------------------------------------------------
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        evaluation: dict[str, float] | None = None,
-        sample_image: str | os.PathLike | None = None,
-        **kwargs,
-    ) -> None:
-        """Write the model card (`README.md`) and its sample grid (`sample_grid.png`) into `output_dir`.
-
-        Called by `push_to_hub`; call it yourself after `save_model` to publish the folder another way.
-
-        Args:
-            model_name: the card's title; the output folder's name by default.
-            dataset_name: the training prompts' dataset id, listed in the metadata when it is a Hub id.
-            tags: extra tags next to `flow-trl`, the algorithm and `lora`.
-            evaluation: final figures to tabulate; the last `evaluate()` metrics by default. Remembered for later
-                calls (so that `push_to_hub` keeps them).
-            sample_image: an existing image to use as the sample grid; by default 8 fixed-seed samples of the
-                trained policy on the eval (else train) prompts. Remembered like `evaluation`.
-        """
-        if evaluation is not None:
-            self._card_evaluation = dict(evaluation)
-        if sample_image is not None:
-            self._card_sample_image = str(sample_image)
-        if not self.is_world_process_zero():
-            return
-        output_dir = Path(self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        grid = output_dir / SAMPLE_GRID_NAME
-        source = getattr(self, "_card_sample_image", None)
-        if source is not None:
-            if Path(source).resolve() != grid.resolve():
-                shutil.copyfile(source, grid)
-        else:
-            self._render_sample_grid(grid)
-        model_name = model_name or output_dir.name
-        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or model_name
-        weights = self.args.reward_weights or [1.0] * len(self.reward_funcs)
-        card = render_model_card(
-            model_name=model_name,
-            repo_id=repo_id,
-            base_model=self.base_model_id,
-            algorithm=self._name,
-            trainer_class=type(self).__name__,
-            pipeline_class=type(self.pipe).__name__,
-            is_lora=self.is_lora,
-            rewards=list(zip(self.reward_func_names, weights)),
-            hyperparameters=card_hyperparameters(self.args),
-            paper=self._paper,
-            evaluation=getattr(self, "_card_evaluation", None) or self._last_eval_metrics(),
-            sample_image=SAMPLE_GRID_NAME,
-            example_prompt=self._card_prompts(1)[0],
-            global_step=self.state.global_step,
-            tags=[t for t in self._tag_names if t not in ("diffusers", "text-to-image")]
-            + ([tags] if isinstance(tags, str) else list(tags or [])),
-            dataset_name=dataset_name,
-            call_kwargs={"max_sequence_length": self.adapter.max_sequence_length},
-            **self._card_base_source(),
-        )
-        card.save(output_dir / "README.md")
-
-    @property
-    def base_model_id(self) -> str | None:
-        """The Hub id of the base pipeline (`None` when it was loaded from a local folder)."""
-        name = getattr(self.pipe, "name_or_path", None)
-        return name if is_hub_id(name) else None
-
-    def _card_base_source(self) -> dict[str, str]:
-        """How the card's usage snippet loads a base that is not on the Hub: the shipped shapes pipeline by name."""
-        from ..toy import SHAPES_PIPELINE_DIR
-
-        name = getattr(self.pipe, "name_or_path", None)
-        if name and os.path.isdir(name) and Path(name).resolve() == SHAPES_PIPELINE_DIR.resolve():
-            return {"base_expr": "str(SHAPES_PIPELINE_DIR)",
-                    "base_import": "from flow_trl.toy import SHAPES_PIPELINE_DIR"}
-        return {}
-
-    def _last_eval_metrics(self) -> dict[str, float]:
-        for entry in reversed(self.state.log_history):
-            metrics = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-            if metrics:
-                return metrics
-        return {}
-
-    def _card_prompts(self, n: int) -> list[str]:
-        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
-        if dataset is None:
-            return ["a photo of a cat"] * n
-        prompts = list(dict.fromkeys(dataset["prompt"]))
-        return [prompts[i % len(prompts)] for i in range(n)]
-
-    @torch.no_grad()
-    def _render_sample_grid(self, path: Path, num_images: int = 8) -> None:
-        """ODE samples of the trained policy, one fixed seed per image (`eval_seed + i`), saved as a grid."""
-        from ..toy.evaluation import save_image_grid
-
-        prompts = self._card_prompts(num_images)
-        cond = self.encode_prompts(prompts)
-        noise = torch.cat([
-            self.adapter.initial_noise(1, self.resolution, self.resolution,
-                                       torch.Generator().manual_seed(self.args.eval_seed + i), self.compute_dtype)
-            for i in range(num_images)
-        ])
-        out = rollout(lambda x, s: self.velocity(self.transformer, x, s, cond), noise, self.sigmas.to(noise.device))
-        save_image_grid(self.adapter.decode(out.latents).cpu(), path, ncols=min(4, num_images))
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
