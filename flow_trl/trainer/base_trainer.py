@@ -539,20 +539,25 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
                 idx = mine[i : i + batch]
                 sub = [rows[k] for k in idx]
                 prompts = [r["prompt"] for r in sub]
-                cond = self.encode_prompts(prompts)
-                noise = torch.cat([
-                    self.adapter.initial_noise(1, self.resolution, self.resolution,
-                                               torch.Generator().manual_seed(self.args.eval_seed + k),
-                                               self.compute_dtype)
-                    for k in idx
-                ])
-                out = rollout(lambda x, s: self.velocity(self.model, x, s, cond), noise,  # noqa: B023 (called here)
-                              sigmas.to(noise.device))
-                imgs = self.adapter.decode(out.latents)
+                imgs = self.sample_with_seeds(self.model, prompts, idx, sigmas)
                 columns = {key: [r[key] for r in sub] for key in sub[0] if key != "prompt"}
                 scores += compute_rewards(self.reward_funcs, prompts, imgs, columns, trainer_state=self.state).tolist()
                 images.append(imgs.cpu())
         return torch.tensor(gather_object(scores), dtype=torch.float32), images
+
+    @torch.no_grad()
+    def sample_with_seeds(self, module: nn.Module, prompts: list[str], indices: list[int],
+                          sigmas: torch.Tensor) -> torch.Tensor:
+        """ODE images of `module` on `sigmas`, image ``i`` from the noise of seed ``eval_seed + indices[i]`` (the
+        fixed-seed samples of evaluation and of the model card)."""
+        cond = self.encode_prompts(prompts)
+        noise = torch.cat([
+            self.adapter.initial_noise(1, self.resolution, self.resolution,
+                                       torch.Generator().manual_seed(self.args.eval_seed + k), self.compute_dtype)
+            for k in indices
+        ])
+        out = rollout(lambda x, s: self.velocity(module, x, s, cond), noise, sigmas.to(noise.device))
+        return self.adapter.decode(out.latents)
 
     def _eval_metrics(self, scores: torch.Tensor, prefix: str, suffix: str) -> dict[str, float]:
         metrics = {}

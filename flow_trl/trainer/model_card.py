@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from ..hub import SAMPLE_GRID_NAME, card_hyperparameters, is_hub_id, render_model_card
-from ..sampling import rollout
 
 
 class ModelCardMixin:
@@ -114,13 +113,7 @@ class ModelCardMixin:
         """ODE samples of the trained policy, one fixed seed per image (`eval_seed + i`), saved as a grid."""
         from ..toy.evaluation import save_image_grid
 
-        prompts = self._card_prompts(num_images)
-        cond = self.encode_prompts(prompts)
-        noise = torch.cat([
-            self.adapter.initial_noise(1, self.resolution, self.resolution,
-                                       torch.Generator().manual_seed(self.args.eval_seed + i), self.compute_dtype)
-            for i in range(num_images)
-        ])
-        out = rollout(lambda x, s: self.velocity(self.transformer, x, s, cond), noise, self.sigmas.to(noise.device))
-        save_image_grid(self.adapter.decode(out.latents).cpu(), path, ncols=min(4, num_images))
+        images = self.sample_with_seeds(self.transformer, self._card_prompts(num_images), list(range(num_images)),
+                                        self.sigmas)
+        save_image_grid(images.cpu(), path, ncols=min(4, num_images))
 
