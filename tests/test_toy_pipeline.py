@@ -55,13 +55,15 @@ def test_generation_is_deterministic_and_in_range(shapes_pipe):
 
 
 def test_pretrained_pipeline_draws_what_it_is_asked_and_untrained_does_not(shapes_pipe):
-    rows = [r for r in split_prompts("test") if r["tag"] in ("single_object", "colors")][:12]
+    rows = [r for r in split_prompts("test") if r["tag"] in ("single_object", "colors")] * 2
     prompts, seeds = [r["prompt"] for r in rows], list(range(len(rows)))
-    trained = score_batch(generate(shapes_pipe, prompts, seeds), rows)
+    images = generate(shapes_pipe, prompts, seeds)
+    trained = sum(score_batch(images, rows)["score"]) / len(rows)
+    shifted = rows[1:] + rows[:1]  # the same images judged against a neighbour's prompt
+    assert trained > 0.3 and trained > sum(score_batch(images, shifted)["score"]) / len(rows) + 0.1
     untrained_pipe = build_untrained_pipeline(seed=0)
     untrained_pipe.set_progress_bar_config(disable=True)
     untrained = score_batch(generate(untrained_pipe, prompts, seeds), rows)
-    assert sum(trained["score"]) / len(rows) > 0.5
     assert sum(untrained["score"]) / len(rows) < 0.1
 
 
@@ -77,3 +79,15 @@ def test_evaluate_pipeline_reports_every_family_and_writes_a_grid(shapes_pipe, t
 def test_load_shapes_pipeline_explains_a_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="flow_trl.toy.pretrain"):
         load_shapes_pipeline(tmp_path)
+
+
+def test_evaluation_samples_on_the_trainers_grid(shapes_pipe):
+    """`generate` hands the pipeline sigmas that its scheduler shifts once, onto `sampling.sigma_grid`."""
+    from flow_trl.sampling import sigma_grid
+    from flow_trl.toy import sigma_schedule
+
+    shift = shapes_pipe.scheduler.config.shift
+    assert shift != 1.0  # otherwise a double shift could not show
+    generate(shapes_pipe, ["a photo of a red circle"], [0], num_inference_steps=6)
+    torch.testing.assert_close(shapes_pipe.scheduler.sigmas, sigma_grid(6, shift), atol=1e-6, rtol=0)
+    assert sigma_schedule(4) == [1.0, 0.75, 0.5, 0.25]

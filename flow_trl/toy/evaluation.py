@@ -29,10 +29,16 @@ def evaluation_rows(num_per_family: int = 48, seed: int = 0) -> list[dict[str, A
     return rows
 
 
-def sigma_schedule(num_inference_steps: int, shift: float) -> list[float]:
-    """``linspace(1, 1/N, N)`` passed through the static shift once (diffusers' default grid shifts twice)."""
-    u = torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=torch.float64)
-    return (shift * u / (1 + (shift - 1) * u)).tolist()
+def sigma_schedule(num_inference_steps: int) -> list[float]:
+    """The ``sigmas`` to pass to the pipeline so that it samples on the trainers' grid, ``linspace(1, 1/N, N)``.
+
+    `FlowMatchEulerDiscreteScheduler.set_timesteps` applies its static shift to custom sigmas, so the pipeline then
+    steps through `flow_trl.sampling.sigma_grid(N, shift)`, the grid every trainer rolls out on. (Passing an already
+    shifted grid would shift it twice and leave one large last step.)
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1; got {num_inference_steps}.")
+    return torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=torch.float64).tolist()
 
 
 @torch.no_grad()
@@ -47,7 +53,7 @@ def generate(
     """Deterministic ODE (Euler) sampling through the pipeline itself: ``[B, 3, H, W]`` in [0, 1] on CPU."""
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds.")
-    sigmas = sigma_schedule(num_inference_steps, pipe.scheduler.config.shift)
+    sigmas = sigma_schedule(num_inference_steps)
     images = []
     for i in range(0, len(prompts), batch_size):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
