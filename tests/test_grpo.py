@@ -130,3 +130,29 @@ def test_grpo_adapts_gamma_to_the_kl_target(tmp_path):
     assert any("slas/gamma" in entry for entry in trainer.state.log_history)
     with pytest.raises(ValueError, match="needs advantage_shaping='slas'"):
         grpo_config(tmp_path, slas_target_kl=1e-3)
+
+
+def test_resume_restores_the_adapted_slas_gamma(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAtTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    def run(out, stop=False, resume=None):
+        args = grpo_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2,
+                           advantage_shaping="slas", slas_gamma=1.0, slas_target_kl=1.0)
+        trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes", peft_config=LoraConfig(r=4),
+                                   train_dataset=shapes_dataset("train").select(range(8)),
+                                   callbacks=[StopAtTwo()] if stop else None)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.args.slas_gamma, {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()
+                                         if "lora_" in n}
+
+    full_gamma, full = run(tmp_path / "full")
+    run(tmp_path / "part", stop=True)
+    resumed_gamma, resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-2"))
+    assert full_gamma == pytest.approx(1.1**3)  # adapted before rollouts 2, 3 and 4 (tiny KL: amplify)
+    assert resumed_gamma == pytest.approx(full_gamma)  # not restarted from the config's 1.0
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)

@@ -67,6 +67,18 @@ def test_lora_targets_default_to_the_family_attention_projections(tmp_path):
     names = [n for n, _ in trainer.transformer.named_parameters() if ".default." in n]
     assert any("add_q_proj" in n for n in names) and any("attn.to_q" in n for n in names)
     assert not any("ff." in n for n in names)
+    last = len(trainer.transformer.transformer_blocks) - 1  # context_pre_only: its text queries are never used
+    assert not any(f"transformer_blocks.{last}.attn.add_q_proj" in n for n in names)
+    assert any(f"transformer_blocks.{last}.attn.add_k_proj" in n for n in names)
+
+
+def test_every_default_lora_weight_gets_a_gradient(tmp_path):
+    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, max_steps=1), reward_funcs="shapes",
+                             train_dataset=prompts(), peft_config=LoraConfig(r=4))
+    trainer.train()
+    lora_b = {n: p for n, p in trainer.transformer.named_parameters() if ".default." in n and "lora_B" in n}
+    dead = [n for n, p in lora_b.items() if torch.count_nonzero(p) == 0]  # B starts at 0: one step moves it
+    assert lora_b and not dead, dead
 
 
 def test_saved_lora_loads_in_diffusers_and_reproduces_samples(tmp_path):

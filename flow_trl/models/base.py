@@ -78,6 +78,10 @@ class FlowModelAdapter:
         """
         return self.scheduler_shift
 
+    def unused_lora_modules(self) -> list[str]:
+        """Default LoRA targets whose output never reaches the prediction (excluded, so no adapter weight is dead)."""
+        return []
+
     def sigma_grid(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         """The ``[N + 1]`` fp32 sampling grid (1 -> 0) for images of ``height x width`` (see `sampling.sigma_grid`)."""
         return sigma_grid(num_inference_steps, self.sigma_shift(height, width, num_inference_steps))

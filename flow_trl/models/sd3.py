@@ -19,6 +19,11 @@ class SD3Adapter(FlowModelAdapter):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     default_lora_target_modules = MMDIT_ATTENTION_PROJECTIONS
 
+    def unused_lora_modules(self) -> list[str]:
+        """The last block is `context_pre_only`: its text-stream output is dropped, so its `add_q_proj` is unused."""
+        return [f"transformer_blocks.{i}.attn.add_q_proj" for i, block in enumerate(self.transformer.transformer_blocks)
+                if block.context_pre_only]
+
     def default_max_sequence_length(self) -> int:
         tokenizer = self.pipe.tokenizer_3
         return min(256, tokenizer.model_max_length) if tokenizer is not None else 256

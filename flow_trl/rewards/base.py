@@ -10,11 +10,8 @@ import torch
 from PIL import Image
 
 
-def check_inputs(prompts: Sequence[str], images: torch.Tensor) -> None:
-    """Raise a `ValueError` that says what to change unless ``images`` is ``[B, 3, H, W]`` in [0, 1] with one prompt
-    per image."""
-    if isinstance(prompts, str):
-        raise ValueError("`prompts` must be a list of strings, one per image, not a single string.")
+def check_images(images: torch.Tensor) -> None:
+    """Raise a `ValueError` that says what to change unless ``images`` is a finite float ``[B, 3, H, W]`` in [0, 1]."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"`images` must be a torch.Tensor [B, 3, H, W] in [0, 1]; got {type(images).__name__}.")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -24,12 +21,21 @@ def check_inputs(prompts: Sequence[str], images: torch.Tensor) -> None:
         )
     if not images.is_floating_point() or not torch.isfinite(images).all():
         raise ValueError("Images must be floating point without NaN or infinite values.")
-    lo, hi = float(images.detach().min()), float(images.detach().max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(
-            f"Images must be in [0, 1]; got values in [{lo:.3f}, {hi:.3f}]. "
-            "If they are in [-1, 1], map them with (x + 1) / 2."
-        )
+    if images.numel():
+        lo, hi = float(images.detach().min()), float(images.detach().max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"Images must be in [0, 1]; got values in [{lo:.3f}, {hi:.3f}]. "
+                "If they are in [-1, 1], map them with (x + 1) / 2."
+            )
+
+
+def check_inputs(prompts: Sequence[str], images: torch.Tensor) -> None:
+    """Raise a `ValueError` that says what to change unless ``images`` is ``[B, 3, H, W]`` in [0, 1] with one prompt
+    per image."""
+    if isinstance(prompts, str):
+        raise ValueError("`prompts` must be a list of strings, one per image, not a single string.")
+    check_images(images)
     if len(prompts) != len(images):
         raise ValueError(f"Got {len(prompts)} prompts but {len(images)} images; they must match.")
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..rewards.base import check_images
 from .world import BACKGROUND, PALETTE, RELATIONS, SHAPES, TAGS, Metadata, parse_prompt
 
 
@@ -49,23 +50,9 @@ _OPENING = ndimage.generate_binary_structure(2, 1)  # 3x3 cross
 
 def _check_images(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """Validate a batch of images ``[B, 3, H, W]`` in [0, 1] and return it as a float32 ``[B, H, W, 3]`` array."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"Images must be a float batch of shape [B, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}. "
-            "Pass pipeline outputs with output_type='pt'."
-        )
-    if not np.isfinite(images).all():
-        raise ValueError("Images contain NaN or infinite values.")
-    lo, hi = float(images.min(initial=0.0)), float(images.max(initial=1.0))
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(
-            f"Images must be in [0, 1]; got values in [{lo:.3f}, {hi:.3f}]. "
-            "If they are in [-1, 1], map them with (x + 1) / 2."
-        )
-    return images.transpose(0, 2, 3, 1).clip(0, 1)
+    images = torch.as_tensor(images).detach().float().cpu() if isinstance(images, np.ndarray) else images
+    check_images(images)
+    return images.detach().float().cpu().numpy().transpose(0, 2, 3, 1).clip(0, 1)
 
 
 def _nearest_labels(image: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ resume, evaluation, metrics) lives here.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -40,6 +41,7 @@ from .utils import soft_update_decay
 
 
 POLICY_STATE_FILE = "flow_trl_policies.safetensors"
+ALGORITHM_STATE_FILE = "flow_trl_state.json"  # what an algorithm adapts during training (e.g. SLAS gamma)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -166,6 +168,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             if peft_config.target_modules is None:  # the family's default, e.g. SD3's attention projections
                 peft_config = copy.deepcopy(peft_config)
                 peft_config.target_modules = set(self.adapter.default_lora_target_modules)
+                peft_config.exclude_modules = self.adapter.unused_lora_modules() or None
             transformer.requires_grad_(False)
             transformer.add_adapter(peft_config, adapter_name="default")
             for name in self._policy_adapters:
@@ -636,6 +639,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             lora = get_peft_model_state_dict(self.transformer, adapter_name="default")
             # the metadata carries lora_alpha: without it diffusers assumes alpha = rank and rescales the LoRA
             metadata = self.transformer.peft_config["default"].to_dict()
+            metadata.pop("exclude_modules", None)  # the excluded modules have no weights in the file anyway
             type(self.pipe).save_lora_weights(
                 output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
             )
@@ -645,11 +649,24 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self._policy_adapters and self.args.should_save:
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+        if self._policy_adapters:
             from safetensors.torch import save_file
 
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             save_file(self._policy_state(), os.path.join(folder, POLICY_STATE_FILE))
+        algorithm_state = self._algorithm_state()
+        if algorithm_state:
+            with open(os.path.join(folder, ALGORITHM_STATE_FILE), "w") as f:
+                json.dump(algorithm_state, f, indent=1)
+
+    def _algorithm_state(self) -> dict[str, Any]:
+        """JSON-serialisable values the algorithm adapts while training, saved with each checkpoint (none here)."""
+        return {}
+
+    def _restore_algorithm_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `_algorithm_state`, called when resuming from a checkpoint that has one."""
 
     def _policy_state(self) -> dict[str, torch.Tensor]:
         if self.is_lora:
@@ -679,6 +696,10 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             for f in files:
                 state.update(load_state_dict(os.path.join(folder, f)))
             self.transformer.load_state_dict(state)
+        state_file = os.path.join(resume_from_checkpoint, ALGORITHM_STATE_FILE)
+        if os.path.isfile(state_file):
+            with open(state_file) as f:
+                self._restore_algorithm_state(json.load(f))
         policy_file = os.path.join(resume_from_checkpoint, POLICY_STATE_FILE)
         if self._policy_adapters:
             if not os.path.isfile(policy_file):

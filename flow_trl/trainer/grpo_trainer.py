@@ -128,6 +128,17 @@ class DanceGRPOTrainer(FlowRLTrainer):
             args.slas_gamma = adapt_slas_gamma(args.slas_gamma, sum(kls) / len(kls), args.slas_target_kl)
         self._metrics["train"]["slas/gamma"].append(args.slas_gamma)
 
+    def _algorithm_state(self) -> dict[str, Any]:
+        """The adapted `slas_gamma` and the approx_kls it has not consumed yet (with `slas_target_kl`)."""
+        if self.args.slas_target_kl is None:
+            return {}
+        return {"slas_gamma": self.args.slas_gamma, "approx_kls": list(self._approx_kls)}
+
+    def _restore_algorithm_state(self, state: dict[str, Any]) -> None:
+        if "slas_gamma" in state:
+            self.args.slas_gamma = state["slas_gamma"]
+            self._approx_kls = tuple(state["approx_kls"])
+
     def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         """With `same_initial_noise`, one noise per group (groups are contiguous and whole on each process)."""
         if not self.args.same_initial_noise:
