@@ -21,8 +21,8 @@ class SD3Adapter(FlowModelAdapter):
 
     def unused_lora_modules(self) -> list[str]:
         """The last block is `context_pre_only`: its text-stream output is dropped, so its `add_q_proj` is unused."""
-        return [f"transformer_blocks.{i}.attn.add_q_proj" for i, block in enumerate(self.transformer.transformer_blocks)
-                if block.context_pre_only]
+        blocks = self.transformer.transformer_blocks
+        return [f"transformer_blocks.{i}.attn.add_q_proj" for i, block in enumerate(blocks) if block.context_pre_only]
 
     def default_max_sequence_length(self) -> int:
         tokenizer = self.pipe.tokenizer_3
