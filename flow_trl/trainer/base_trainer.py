@@ -374,13 +374,12 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         all_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
         total = weighted_reward(all_rewards, args.reward_weights)
         advantages = self.compute_advantages(total)
-        start = self.accelerator.process_index * len(prompts)
         self._log_rollout_metrics(all_rewards, total, advantages)
         inputs = {
             "cond": cond,
             "latents": latents,
-            "rewards": total[start : start + len(prompts)].to(latents.device),
-            "advantages": advantages[start : start + len(prompts)].to(latents.device),
+            "rewards": self._local_rows(total, len(prompts)).to(latents.device),
+            "advantages": self._local_rows(advantages, len(prompts)).to(latents.device),
         }
         if chunks[0].log_probs is not None:
             inputs["latents_before"] = torch.cat([c.latents_before for c in chunks])
@@ -388,6 +387,11 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             inputs["log_probs"] = torch.cat([c.log_probs for c in chunks])
             inputs["step_indices"] = torch.tensor(chunks[0].step_indices).expand(len(prompts), -1)
         return self._prepare_training_inputs(inputs, generator)
+
+    def _local_rows(self, gathered: torch.Tensor, n: int) -> torch.Tensor:
+        """This process's rows of a tensor gathered over processes, each of which contributed `n` contiguous rows."""
+        start = self.accelerator.process_index * n
+        return gathered[start : start + n]
 
     def compute_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages of the gathered rewards `[N]` (whole groups): group-normalised (`scale_rewards`) or SLAS-shaped

@@ -114,10 +114,9 @@ class StepGRPOTrainer(DanceGRPOTrainer):
         after, before = self._score_states(inputs)
         all_after = self.accelerator.gather(after).cpu()
         all_before = self.accelerator.gather(before).cpu() if before is not None else None
-        start = self.accelerator.process_index * n
-        per_step = step_advantages(
-            all_after, args.num_generations, args.step_advantage, all_before, args.scale_rewards
-        )[start : start + n]
+        per_step = self._local_rows(
+            step_advantages(all_after, args.num_generations, args.step_advantage, all_before, args.scale_rewards), n
+        )
         advantages = mix_advantages(per_step, inputs["advantages"].cpu(), args.terminal_reward_weight)
         advantages = clip_advantages(advantages, args.advantage_clip)
         metrics = {f"step_{k}": v for k, v in advantage_stats(advantages).items()}
