@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--sigma_max", type=float, default=1.0, help="Highest training sigma.")
     parser.add_argument("--num_blocks", type=int, default=2)
     parser.add_argument("--loss_type", default="bradley_terry")
+    parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the backbone (0: full fine-tuning).")
     parser.add_argument("--max_steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
@@ -78,7 +79,12 @@ def main() -> None:
         warmup_steps=20,
         sigma_max=args.sigma_max,
     )
-    trainer = DRMTrainer(pipe, args=config, train_dataset=train, eval_dataset=test)
+    peft_config = None
+    if args.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r)
+    trainer = DRMTrainer(pipe, args=config, train_dataset=train, eval_dataset=test, peft_config=peft_config)
     before = trainer.accuracy_by_sigma()
     start = time.time()
     trainer.train()
