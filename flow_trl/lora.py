@@ -1,4 +1,5 @@
-"""Diffusers-format LoRA files: read, merge (cold start of on-policy distillation) and load as named peft adapters.
+"""LoRA: default targets of a peft config, and diffusers-format LoRA files (read, merge for the cold start of
+on-policy distillation, load as named peft adapters).
 
 A LoRA file is what `FlowRLTrainer._save` writes (and `pipe.load_lora_weights` reads): a
 `pytorch_lora_weights.safetensors` whose keys are ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` and
@@ -20,6 +21,22 @@ from torch import nn
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 MERGE_METHODS = ("mean", "weighted", "sum")
+
+
+def with_default_targets(peft_config, target_modules, unused_modules=()):
+    """`peft_config` as given when it names its targets; otherwise a copy targeting the model's defaults.
+
+    The defaults are `target_modules` (e.g. a family's attention projections) minus `unused_modules`, the default
+    targets whose output never reaches the model's prediction: an adapter there would get no gradient, stay at its
+    initialisation and make DDP fail without ``find_unused_parameters``. Explicit targets are the user's choice and
+    are left alone.
+    """
+    if peft_config.target_modules is not None:
+        return peft_config
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.target_modules = set(target_modules)
+    peft_config.exclude_modules = list(unused_modules) or None
+    return peft_config
 
 
 def lora_file(path: str | os.PathLike) -> Path:
@@ -167,4 +184,11 @@ def set_adapter_weights(transformer: nn.Module, state: dict[str, torch.Tensor], 
     set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
 
 
-__all__ = ["LORA_WEIGHTS_NAME", "load_lora_adapter", "merge_lora_adapters", "read_lora", "set_adapter_weights"]
+__all__ = [
+    "LORA_WEIGHTS_NAME",
+    "load_lora_adapter",
+    "merge_lora_adapters",
+    "read_lora",
+    "set_adapter_weights",
+    "with_default_targets",
+]

@@ -138,6 +138,20 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, shapes_pipe, lora
         assert not any("lora" in k for k in loaded.state_dict())
 
 
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_every_default_lora_weight_of_the_drm_gets_a_gradient(tmp_path, shapes_pipe, num_blocks):
+    trainer = DRMTrainer(shapes_pipe, args=drm_config(tmp_path, num_blocks=num_blocks, max_steps=1),
+                         train_dataset=latent_pairs(), peft_config=LoraConfig(r=4))
+    names = [n for n, _ in trainer.model.named_parameters() if "lora_B" in n]
+    last = f"transformer_blocks.{num_blocks - 1}.attn"  # its text output is dropped: no adapter on the text queries
+    assert not any(n.startswith((f"{last}.add_q_proj", f"{last}.to_add_out")) for n in names)
+    assert any(n.startswith(f"{last}.add_k_proj") for n in names)
+    trainer.train()
+    lora_b = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    dead = [n for n, p in lora_b.items() if torch.count_nonzero(p) == 0]  # B starts at 0: one step moves it
+    assert lora_b and not dead, dead
+
+
 def test_evaluate_reports_accuracy_per_sigma_with_ties_at_pure_noise(tmp_path, shapes_pipe):
     trainer = DRMTrainer(
         shapes_pipe, args=drm_config(tmp_path), train_dataset=latent_pairs(), eval_dataset=latent_pairs(seed=1)

@@ -143,6 +143,11 @@ class DiffusionRewardModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         drm.load_state_dict(copied, strict=False)
         return drm if drm.dtype == transformer.dtype else drm.to(transformer.dtype)
 
+    def unused_lora_modules(self) -> list[str]:
+        """The last block's text-stream projections: its text output is dropped, so they never reach the score."""
+        last = f"transformer_blocks.{len(self.transformer_blocks) - 1}.attn"
+        return [f"{last}.add_q_proj", f"{last}.to_add_out"]
+
     def forward(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Scores ``[B]`` (fp32) of latents ``[B, C, H, W]`` at noise levels `sigma` (``[B]`` in [0, 1])."""
         dtype = self.dtype

@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
 from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats, slas_advantages
+from ..lora import with_default_targets
 from ..models import get_adapter, index_conditioning, load_pipeline
 from ..regularizers import velocity_kl, velocity_norm_ratio
 from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
@@ -165,10 +166,9 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         self.is_lora = peft_config is not None
         self._policy_models: dict[str, nn.Module] = {}
         if self.is_lora:
-            if peft_config.target_modules is None:  # the family's default, e.g. SD3's attention projections
-                peft_config = copy.deepcopy(peft_config)
-                peft_config.target_modules = set(self.adapter.default_lora_target_modules)
-                peft_config.exclude_modules = self.adapter.unused_lora_modules() or None
+            peft_config = with_default_targets(  # e.g. SD3's attention projections
+                peft_config, self.adapter.default_lora_target_modules, self.adapter.unused_lora_modules()
+            )
             transformer.requires_grad_(False)
             transformer.add_adapter(peft_config, adapter_name="default")
             for name in self._policy_adapters:

@@ -6,7 +6,6 @@ sigma, and the Bradley-Terry or the noise-calibrated Thurstone loss pushes the c
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections import defaultdict
@@ -18,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..drm.model import DiffusionRewardModel
+from ..lora import with_default_targets
 from ..models import cat_conditioning, get_adapter, load_pipeline
 from ..preference import LATENT_COLUMNS, encode_preference_dataset
 from ..timesteps import noise_latents
@@ -145,9 +145,9 @@ class DRMTrainer(Trainer):
             drm = DiffusionRewardModel.from_pretrained(reward_model)
         self.is_lora = peft_config is not None
         if self.is_lora:
-            if peft_config.target_modules is None:
-                peft_config = copy.deepcopy(peft_config)
-                peft_config.target_modules = set(self.adapter.default_lora_target_modules)
+            peft_config = with_default_targets(
+                peft_config, self.adapter.default_lora_target_modules, drm.unused_lora_modules()
+            )
             drm.requires_grad_(False)
             drm.add_adapter(peft_config)
             for name, param in drm.named_parameters():
