@@ -5,7 +5,12 @@
 Each held-out row's ground-truth render is VAE-encoded, noised to a starting sigma of the sampling grid (one fixed
 noise per row) and denoised by the base model with Euler ODE steps on the rest of the grid. Starting at sigma 1 is
 plain generation. The score against the starting sigma shows at which noise levels the model loses what the prompt
-asks for; the shape histogram shows which shapes it can draw. Prints JSON.
+asks for; the shape histogram shows which shapes it can draw.
+
+Shape control: renders of one-object prompts ("a photo of a red square", all 15 colour-shape pairs, 4 seeds each)
+are noised the same way and finished twice, once with their own prompt and once with the shape word swapped
+("... red circle"). How often the result holds the prompt's shape, and how often the render's, shows from which
+noise level the prompt, rather than the noisy image, decides the shape. Prints JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ def main() -> None:
     parser.add_argument("--num_inference_steps", type=int, default=20, help="Steps of the full sampling grid.")
     parser.add_argument("--start_sigmas", type=float, nargs="+", default=[0.2, 0.35, 0.5, 0.7, 0.8, 0.9, 1.0],
                         help="Starting noise levels (each rounded down to the grid).")
+    parser.add_argument("--model", default=None, help="Pipeline directory; defaults to the shipped shapes pipeline.")
     args = parser.parse_args()
 
     from flow_trl.models import get_adapter
@@ -30,8 +36,9 @@ def main() -> None:
     from flow_trl.toy import evaluation_rows, load_shapes_pipeline, render_batch
     from flow_trl.toy.pipeline import MAX_SEQUENCE_LENGTH
     from flow_trl.toy.scorer import aggregate, detect_objects, score_batch
+    from flow_trl.toy.world import COLORS, SHAPES
 
-    pipe = load_shapes_pipeline()
+    pipe = load_shapes_pipeline(args.model)
     adapter = get_adapter(pipe, MAX_SEQUENCE_LENGTH)
     rows = evaluation_rows(args.num_per_family)
     prompts = [r["prompt"] for r in rows]
@@ -53,6 +60,33 @@ def main() -> None:
             results["start"][f"{float(sigma):.3f}"] = {
                 "score": round(metrics["score"], 3), "quality": round(metrics["quality"], 3), "shapes": dict(shapes)
             }
+        # shape control: each one-object render finished with its prompt and with the shape word swapped
+        truth_prompts, swapped, seeds = [], [], []
+        for i, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES):
+            for k in range(4):
+                other = SHAPES[(SHAPES.index(shape) + 1 + k % 2) % len(SHAPES)]
+                truth_prompts.append(f"a photo of a {color} {shape}")
+                swapped.append(f"a photo of a {color} {other}")
+                seeds.append(10_000 + 4 * i + k)
+        x0 = adapter.encode_images(render_batch(truth_prompts, seeds))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        results["shape_control"] = {}
+        for start in sorted(args.start_sigmas):
+            j = int((grid[:-1] <= start + 1e-6).nonzero()[0])
+            x = (1 - grid[j]) * x0 + grid[j] * noise
+            entry = {}
+            for name, prompts_j in (("own_prompt", truth_prompts), ("swapped_prompt", swapped)):
+                cond = adapter.encode_prompts(prompts_j)
+                out = rollout(lambda z, s, c=cond: adapter.predict(pipe.transformer, z, s, c), x, grid[j:])
+                found = [{o["shape"] for o in detect_objects(im)} for im in adapter.decode(out.latents)]
+                entry[f"{name}: prompt's shape"] = round(
+                    sum(p.split()[-1] in f for p, f in zip(prompts_j, found)) / len(found), 3
+                )
+                if name == "swapped_prompt":
+                    entry[f"{name}: render's shape"] = round(
+                        sum(p.split()[-1] in f for p, f in zip(truth_prompts, found)) / len(found), 3
+                    )
+            results["shape_control"][f"{float(grid[j]):.3f}"] = entry
     print(json.dumps(results, indent=1))
 
 

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the VAE's KL term.")
     parser.add_argument("--transformer_steps", type=int, default=3000, help="Transformer optimizer steps.")
     parser.add_argument("--batch_size", type=int, default=64, help="Transformer batch size.")
-    parser.add_argument("--lr", type=float, default=5e-4, help="Transformer/text-encoder learning rate.")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Transformer/text-encoder learning rate.")
     parser.add_argument("--warmup_steps", type=int, default=200, help="Linear warm-up steps.")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the saved transformer.")
     parser.add_argument("--cfg_dropout", type=float, default=0.1, help="Fraction of empty prompts.")
