@@ -40,9 +40,18 @@ def prompts():
     return shapes_dataset("train").select(range(16))
 
 
+def redness(prompts, images, **kwargs):
+    """A continuous reward: samples of a group never tie, so every step has non-zero advantages (and gradients).
+
+    The shapes reward is a few discrete levels; with groups of 2 both samples can score the same, and then NFT's
+    implicit policies cancel exactly and no weight moves. The gradient-flow tests below must not depend on that.
+    """
+    return (images[:, 0] - images[:, 1:].mean(dim=1)).mean(dim=(1, 2)).tolist()
+
+
 def test_nft_trains_the_lora_and_nothing_else(tmp_path):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs="shapes", train_dataset=prompts(),
-                             peft_config=lora())
+    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs=[redness, "shapes"],
+                             train_dataset=prompts(), peft_config=lora())
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
     trainer.train()
     after = dict(trainer.transformer.named_parameters())
@@ -73,7 +82,7 @@ def test_lora_targets_default_to_the_family_attention_projections(tmp_path):
 
 
 def test_every_default_lora_weight_gets_a_gradient(tmp_path):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, max_steps=1), reward_funcs="shapes",
+    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, max_steps=1), reward_funcs=redness,
                              train_dataset=prompts(), peft_config=LoraConfig(r=4))
     trainer.train()
     lora_b = {n: p for n, p in trainer.transformer.named_parameters() if ".default." in n and "lora_B" in n}
@@ -156,7 +165,7 @@ def test_norm_guard_is_applied_and_logged(tmp_path):
 
 def test_full_fine_tuning_trains_every_transformer_weight(tmp_path):
     trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, max_steps=1, learning_rate=1e-3),
-                             reward_funcs="shapes", train_dataset=prompts())
+                             reward_funcs=redness, train_dataset=prompts())
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
     trainer.train()
     changed = [n for n, p in trainer.transformer.named_parameters() if not torch.equal(before[n], p)]
