@@ -12,10 +12,16 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -23,7 +29,9 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_
 MERGE_METHODS = ("mean", "weighted", "sum")
 
 
-def with_default_targets(peft_config, target_modules, unused_modules=()):
+def with_default_targets(
+    peft_config: LoraConfig, target_modules: Iterable[str], unused_modules: Iterable[str] = ()
+) -> LoraConfig:
     """`peft_config` as given when it names its targets; otherwise a copy targeting the model's defaults.
 
     The defaults are `target_modules` (e.g. a family's attention projections) minus `unused_modules`, the default
