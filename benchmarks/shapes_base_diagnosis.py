@@ -48,16 +48,20 @@ def main() -> None:
         cond = adapter.encode_prompts(prompts)
         grid = adapter.sigma_grid(args.num_inference_steps, truth.shape[-2], truth.shape[-1])
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+
+        def finish(clean, eps, start, c):
+            """Noise `clean` to the grid sigma at or below `start`, finish it with Euler ODE steps: (sigma, images)."""
+            j = int((grid[:-1] <= start + 1e-6).nonzero()[0])
+            x = (1 - grid[j]) * clean + grid[j] * eps
+            out = rollout(lambda z, s: adapter.predict(pipe.transformer, z, s, c), x, grid[j:])
+            return float(grid[j]), adapter.decode(out.latents)
+
         results = {"vae_round_trip": aggregate(score_batch(adapter.decode(x0), rows))["score"], "start": {}}
         for start in sorted(args.start_sigmas):
-            j = int((grid[:-1] <= start + 1e-6).nonzero()[0])
-            sigma = grid[j]
-            x = (1 - sigma) * x0 + sigma * noise
-            out = rollout(lambda z, s: adapter.predict(pipe.transformer, z, s, cond), x, grid[j:])
-            images = adapter.decode(out.latents)
+            sigma, images = finish(x0, noise, start, cond)
             shapes = collections.Counter(str(o["shape"]) for im in images for o in detect_objects(im))
             metrics = aggregate(score_batch(images, rows))
-            results["start"][f"{float(sigma):.3f}"] = {
+            results["start"][f"{sigma:.3f}"] = {
                 "score": round(metrics["score"], 3), "quality": round(metrics["quality"], 3), "shapes": dict(shapes)
             }
         # shape control: each one-object render finished with its prompt and with the shape word swapped
@@ -68,17 +72,16 @@ def main() -> None:
                 truth_prompts.append(f"a photo of a {color} {shape}")
                 swapped.append(f"a photo of a {color} {other}")
                 seeds.append(10_000 + 4 * i + k)
-        x0 = adapter.encode_images(render_batch(truth_prompts, seeds))
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        x0_one = adapter.encode_images(render_batch(truth_prompts, seeds))
+        noise_one = torch.randn(x0_one.shape, generator=torch.Generator().manual_seed(1))
         results["shape_control"] = {}
+        prompt_sets = {"own_prompt": truth_prompts, "swapped_prompt": swapped}
+        conds = {name: adapter.encode_prompts(prompts_j) for name, prompts_j in prompt_sets.items()}
         for start in sorted(args.start_sigmas):
-            j = int((grid[:-1] <= start + 1e-6).nonzero()[0])
-            x = (1 - grid[j]) * x0 + grid[j] * noise
             entry = {}
-            for name, prompts_j in (("own_prompt", truth_prompts), ("swapped_prompt", swapped)):
-                cond = adapter.encode_prompts(prompts_j)
-                out = rollout(lambda z, s, c=cond: adapter.predict(pipe.transformer, z, s, c), x, grid[j:])
-                found = [{o["shape"] for o in detect_objects(im)} for im in adapter.decode(out.latents)]
+            for name, prompts_j in prompt_sets.items():
+                sigma, images = finish(x0_one, noise_one, start, conds[name])
+                found = [{o["shape"] for o in detect_objects(im)} for im in images]
                 entry[f"{name}: prompt's shape"] = round(
                     sum(p.split()[-1] in f for p, f in zip(prompts_j, found)) / len(found), 3
                 )
@@ -86,7 +89,7 @@ def main() -> None:
                     entry[f"{name}: render's shape"] = round(
                         sum(p.split()[-1] in f for p, f in zip(truth_prompts, found)) / len(found), 3
                     )
-            results["shape_control"][f"{float(grid[j]):.3f}"] = entry
+            results["shape_control"][f"{sigma:.3f}"] = entry
     print(json.dumps(results, indent=1))
 
 

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from helpers import redness
 from peft import LoraConfig
 
 import flow_trl.trainer as trainers
@@ -423,11 +424,6 @@ def test_unsupported_pipeline_fails_naming_the_supported_ones():
 
 
 # ---- trainers on every family --------------------------------------------------------------------------------------
-
-
-def redness(prompts, images, **kwargs):
-    """Mean red minus mean green/blue: a cheap reward that differs between random images."""
-    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
 
 
 COMMON = dict(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from datasets import Dataset
+from helpers import redness
 from peft import LoraConfig
 from transformers import TrainerCallback
 
@@ -38,15 +39,6 @@ def lora():
 
 def prompts():
     return shapes_dataset("train").select(range(16))
-
-
-def redness(prompts, images, **kwargs):
-    """A continuous reward: samples of a group never tie, so every step has non-zero advantages (and gradients).
-
-    The shapes reward is a few discrete levels; with groups of 2 both samples can score the same, and then NFT's
-    implicit policies cancel exactly and no weight moves. The gradient-flow tests below must not depend on that.
-    """
-    return (images[:, 0] - images[:, 1:].mean(dim=1)).mean(dim=(1, 2)).tolist()
 
 
 def test_nft_trains_the_lora_and_nothing_else(tmp_path):
