@@ -73,20 +73,26 @@ def test_bradley_terry_and_thurstone_losses_match_hand_values():
     )
 
 
-def test_drm_is_built_from_the_first_blocks_of_the_generator(shapes_pipe):
+@pytest.mark.parametrize("num_blocks", [2, 4])  # 4: the generator's full depth, ending in its context_pre_only block
+def test_drm_is_built_from_the_first_blocks_of_the_generator(tmp_path, shapes_pipe, num_blocks):
     transformer = shapes_pipe.transformer
-    drm = DiffusionRewardModel.from_transformer(transformer, num_blocks=2, head_dim=8)
-    assert len(drm.transformer_blocks) == 2 and drm.config.num_blocks == 2
+    drm = DiffusionRewardModel.from_transformer(transformer, num_blocks=num_blocks, head_dim=8)
+    assert len(drm.transformer_blocks) == num_blocks and drm.config.num_blocks == num_blocks
+    assert drm.transformer_blocks[-1].context_pre_only == (num_blocks == transformer.config.num_layers)
     source = transformer.state_dict()
-    for key, value in drm.state_dict().items():
-        if not key.startswith("head_"):
-            torch.testing.assert_close(value, source[key], rtol=0, atol=0)
+    backbone = {k: v for k, v in drm.state_dict().items() if not k.startswith("head_")}
+    kept = {k for k in source if k.split(".")[0] != "transformer_blocks" or int(k.split(".")[1]) < num_blocks}
+    assert set(backbone) == kept - {k for k in kept if k.startswith(("norm_out", "proj_out"))}
+    for key, value in backbone.items():
+        torch.testing.assert_close(value, source[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="num_blocks must be in"):
         DiffusionRewardModel.from_transformer(transformer, num_blocks=transformer.config.num_layers + 1)
     cond = get_adapter(shapes_pipe).encode_prompts(PROMPTS[:2])
     x = torch.randn(2, 4, 16, 16)
     clean, noisy = drm(x, torch.zeros(2), cond), drm(x, torch.full((2,), 0.7), cond)
     assert clean.shape == (2,) and not torch.allclose(clean, noisy)  # sigma-conditioned
+    drm.save_pretrained(tmp_path / "drm")
+    torch.testing.assert_close(DiffusionRewardModel.from_pretrained(tmp_path / "drm")(x, torch.zeros(2), cond), clean)
 
 
 def test_pairs_share_one_noise_and_one_sigma(tmp_path, shapes_pipe):
@@ -138,7 +144,7 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, shapes_pipe, lora
         assert not any("lora" in k for k in loaded.state_dict())
 
 
-@pytest.mark.parametrize("num_blocks", [1, 2])
+@pytest.mark.parametrize("num_blocks", [1, 2, 4])
 def test_every_default_lora_weight_of_the_drm_gets_a_gradient(tmp_path, shapes_pipe, num_blocks):
     trainer = DRMTrainer(shapes_pipe, args=drm_config(tmp_path, num_blocks=num_blocks, max_steps=1),
                          train_dataset=latent_pairs(), peft_config=LoraConfig(r=4))

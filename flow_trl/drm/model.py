@@ -7,8 +7,9 @@ aggregation) gives one scalar. Ours (no code is public):
 
 - the truncation keeps the *first* `num_blocks` blocks (DRM drops the last three of SD3.5-M's 24; DiNa-LRM keeps
   the first 12): on a small model the choice of K is a config field;
-- every kept block is a full joint block (``context_pre_only=False``) so the weights load unchanged; the last
-  block's text output is computed and unused;
+- every kept block is built as the generator's block of that depth, so the weights load unchanged: a full joint
+  block, whose text output the last kept block computes and drops, or, when all blocks are kept, the generator's
+  final ``context_pre_only`` block (no text output);
 - the head is ``LayerNorm -> Linear(d, head_dim) -> GELU -> Linear(head_dim, head_dim)`` per image token, the mean
   over the token grid (a global average pool of the reshaped ``[B, head_dim, H/p, W/p]`` map) and
   ``Linear(head_dim, 1)``; text enters only through the backbone's joint attention and AdaLN.
@@ -57,6 +58,8 @@ class DiffusionRewardModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     Args:
         num_blocks (`int`, defaults to `2`): transformer blocks kept from the generator (K).
         head_dim (`int`, defaults to `64`): width of the per-token MLP of the reward head.
+        last_block_context_pre_only (`bool`, defaults to `False`): build the last block without a text output, as
+            the generator's final block (`from_transformer` sets it when K is the generator's depth).
         sample_size, patch_size, in_channels, attention_head_dim, num_attention_heads, joint_attention_dim,
         caption_projection_dim, pooled_projection_dim, pos_embed_max_size, qk_norm: as in diffusers'
             `SD3Transformer2DModel` (taken from the generator's config by `from_transformer`).
@@ -79,6 +82,7 @@ class DiffusionRewardModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         pooled_projection_dim: int = 2048,
         pos_embed_max_size: int = 96,
         qk_norm: str | None = None,
+        last_block_context_pre_only: bool = False,
     ):
         super().__init__()
         if num_blocks < 1:
@@ -102,10 +106,10 @@ class DiffusionRewardModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                     dim=inner_dim,
                     num_attention_heads=num_attention_heads,
                     attention_head_dim=attention_head_dim,
-                    context_pre_only=False,
+                    context_pre_only=last_block_context_pre_only and i == num_blocks - 1,
                     qk_norm=qk_norm,
                 )
-                for _ in range(num_blocks)
+                for i in range(num_blocks)
             ]
         )
         self.head_norm = nn.LayerNorm(inner_dim)
@@ -131,7 +135,12 @@ class DiffusionRewardModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"num_blocks must be in [1, {config.num_layers}] for this transformer; got {num_blocks}.")
         if config.get("dual_attention_layers"):
             raise ValueError("SD3.5-style dual attention layers are not supported by DiffusionRewardModel yet.")
-        drm = cls(num_blocks=num_blocks, head_dim=head_dim, **{k: config[k] for k in BACKBONE_CONFIG_KEYS})
+        drm = cls(
+            num_blocks=num_blocks,
+            head_dim=head_dim,
+            last_block_context_pre_only=transformer.transformer_blocks[num_blocks - 1].context_pre_only,
+            **{k: config[k] for k in BACKBONE_CONFIG_KEYS},
+        )
         source = transformer.state_dict()
         wanted = drm.state_dict()
         copied = {
@@ -144,8 +153,11 @@ class DiffusionRewardModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return drm if drm.dtype == transformer.dtype else drm.to(transformer.dtype)
 
     def unused_lora_modules(self) -> list[str]:
-        """The last block's text-stream projections: its text output is dropped, so they never reach the score."""
+        """The last block's text-stream projections: its text output is dropped (or, for a `context_pre_only` block,
+        never computed past the queries), so they never reach the score."""
         last = f"transformer_blocks.{len(self.transformer_blocks) - 1}.attn"
+        if self.config.last_block_context_pre_only:
+            return [f"{last}.add_q_proj"]
         return [f"{last}.add_q_proj", f"{last}.to_add_out"]
 
     def forward(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -20,7 +20,8 @@ class DRMConfig(TrainingArguments):
     both latents are scored at that sigma (reference/algorithms.md 8.3, ours after DiNa-LRM).
 
     num_blocks (`int`, defaults to `2`):
-        Transformer blocks of the generator kept as the DRM backbone (K), when the trainer builds the DRM.
+        Transformer blocks of the generator kept as the DRM backbone (K), when the trainer builds the DRM; at most the
+        generator's depth (at full depth the last block is the generator's text-output-free final block).
     head_dim (`int`, defaults to `64`):
         Width of the reward head's per-token MLP, when the trainer builds the DRM.
     loss_type (`str`, defaults to `"bradley_terry"`):
@@ -50,7 +51,7 @@ class DRMConfig(TrainingArguments):
     > `remove_unused_columns=False`.
     """
 
-    num_blocks: int = field(default=2, metadata={"help": "Generator blocks kept as the DRM backbone (K)."})
+    num_blocks: int = field(default=2, metadata={"help": "Generator blocks kept as the DRM backbone (K), 1 to the generator's depth."})
     head_dim: int = field(default=64, metadata={"help": "Width of the reward head's per-token MLP."})
     loss_type: str = field(default="bradley_terry", metadata={"help": "'bradley_terry' or 'thurstone'."})
     thurstone_base_var: float = field(default=0.05, metadata={"help": "Thurstone: variance of a clean pair."})
