@@ -51,7 +51,9 @@ class DRMConfig(TrainingArguments):
     > `remove_unused_columns=False`.
     """
 
-    num_blocks: int = field(default=2, metadata={"help": "Generator blocks kept as the DRM backbone (K), 1 to the generator's depth."})
+    num_blocks: int = field(
+        default=2, metadata={"help": "Generator blocks kept as the DRM backbone (K), 1 to the generator's depth."}
+    )
     head_dim: int = field(default=64, metadata={"help": "Width of the reward head's per-token MLP."})
     loss_type: str = field(default="bradley_terry", metadata={"help": "'bradley_terry' or 'thurstone'."})
     thurstone_base_var: float = field(default=0.05, metadata={"help": "Thurstone: variance of a clean pair."})
