@@ -14,9 +14,9 @@ from typing import Any
 from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
-# The shapes-world recipe: 5 to 18 minutes on 2 CPU cores, depending on the CPU. It trains 3 of the 10 grid timesteps per sample (more
-# samples for the same compute) and drops the KL term (no reference forward). Measured figures, and the runs behind
-# these choices: docs/benchmarks.md.
+# The shapes-world recipe: 5 to 18 minutes on 2 CPU cores, depending on the CPU. It trains 3 of the 10 grid
+# timesteps per sample (more samples for the same compute) and drops the KL term (no reference forward). Measured
+# figures, and the runs behind these choices: docs/benchmarks.md.
 SHAPES_NFT_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-nft",
