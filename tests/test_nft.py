@@ -79,3 +79,43 @@ def test_soft_update_schedules():
     assert soft_update_decay(10_000, "delayed") == 0.999
     with pytest.raises(ValueError, match="Unknown soft-update schedule"):
         soft_update_decay(1, "cosine")
+
+
+def test_rollout_guidance_scale_guides_rollouts_only(tmp_path):
+    from peft import LoraConfig
+
+    from flow_trl import FlowNFTConfig, FlowNFTTrainer
+    from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+
+    args = FlowNFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                         num_inference_steps=4, max_steps=1, save_strategy="no", report_to="none",
+                         rollout_guidance_scale=3.0)
+    trainer = FlowNFTTrainer(str(SHAPES_PIPELINE_DIR), args=args, reward_funcs="shapes",
+                             train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+    scales = []
+    velocity = trainer.adapter.velocity
+
+    def recording(transformer, latents, sigma, cond, guidance_scale=1.0, negative_cond=None):
+        scales.append(guidance_scale)
+        return velocity(transformer, latents, sigma, cond, guidance_scale, negative_cond)
+
+    trainer.adapter.velocity = recording
+    rows = [row for row in shapes_dataset("train").select(range(2)) for _ in range(2)]
+    inputs = trainer._generate_and_score(rows)
+    assert scales == [3.0] * 4  # every rollout step is guided
+    prompts = [row["prompt"] for row in rows]
+    # the same draws as the rollout (the rollout generator of step 0), sampled with CFG 3 and without
+    guided = trainer.sample(prompts, trainer._rollout_generator(), "old", guidance_scale=3.0)[1][0].latents
+    plain = trainer.sample(prompts, trainer._rollout_generator(), "old")[1][0].latents
+    torch.testing.assert_close(inputs["latents"], guided)
+    assert not torch.allclose(inputs["latents"], plain, atol=1e-3)
+    scales.clear()
+    trainer._compute_loss(trainer.model, inputs, chunk=0)
+    assert scales and set(scales) == {1.0}  # the loss uses the CFG-free velocities, as does evaluation
+
+
+def test_rollout_guidance_scale_must_be_positive(tmp_path):
+    from flow_trl import FlowNFTConfig
+
+    with pytest.raises(ValueError, match="rollout_guidance_scale must be positive"):
+        FlowNFTConfig(output_dir=str(tmp_path), rollout_guidance_scale=0.0)

@@ -209,7 +209,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         # the static shift the pipeline applies at this resolution, for the trainers' training-timestep draws
         self.sigma_shift = self.adapter.sigma_shift(self.resolution, self.resolution, args.num_inference_steps)
         self._negative_cond = None
-        if args.guidance_scale != 1.0:
+        if args.guidance_scale != 1.0 or self.rollout_guidance_scale != 1.0:
             self._negative_cond = self.adapter.encode_prompts([""])
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffered_inputs: list[dict[str, Any]] | None = None
@@ -285,13 +285,18 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             finally:
                 self._activate("default")
 
-    def velocity(self, module: nn.Module, latents, sigma, cond) -> torch.Tensor:
-        """The guided velocity of `module`, with the same CFG scale and negative prompt as the rollouts."""
+    @property
+    def rollout_guidance_scale(self) -> float:
+        """The CFG scale rollouts sample with: `guidance_scale`, the one training replays (trainers that learn from
+        final images alone may sample with another)."""
+        return self.args.guidance_scale
+
+    def velocity(self, module: nn.Module, latents, sigma, cond, guidance_scale: float | None = None) -> torch.Tensor:
+        """The guided velocity of `module` with the negative prompt; the CFG scale defaults to `guidance_scale`."""
+        scale = self.args.guidance_scale if guidance_scale is None else guidance_scale
         with torch.autocast(self.accelerator.device.type, dtype=self.compute_dtype,
                             enabled=self.compute_dtype != torch.float32):
-            return self.adapter.velocity(
-                module, latents, sigma, cond, self.args.guidance_scale, self._negative_cond
-            ).float()
+            return self.adapter.velocity(module, latents, sigma, cond, scale, self._negative_cond).float()
 
     # ---- data --------------------------------------------------------------------------------------------------
 
@@ -341,8 +346,9 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator, policy: str = "default", step_type="ode",
-               batch_size: int | None = None):
-        """Roll out `policy` on `prompts`; returns ``(conditioning, Rollout)`` for the whole batch."""
+               batch_size: int | None = None, guidance_scale: float | None = None):
+        """Roll out `policy` on `prompts` (CFG scale: `guidance_scale` unless given); returns ``(conditioning,
+        Rollout)`` for the whole batch."""
         cond = self.encode_prompts(prompts)
         noise = self._initial_noise(len(prompts), generator)
         batch_size = batch_size or len(prompts)
@@ -351,7 +357,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             for i in range(0, len(prompts), batch_size):
                 sub = index_conditioning(cond, slice(i, i + batch_size))
                 chunks.append(rollout(
-                    lambda x, s, sub=sub: self.velocity(module, x, s, sub),
+                    lambda x, s, sub=sub: self.velocity(module, x, s, sub, guidance_scale),
                     noise[i : i + batch_size],
                     self.sigmas.to(noise.device),
                     step_type=step_type,
@@ -366,7 +372,8 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         prompts = [row["prompt"] for row in rows]
         generator = self._rollout_generator()
         cond, chunks = self.sample(prompts, generator, self._sampling_policy, args.sde_type,
-                                   batch_size=args.per_device_train_batch_size)
+                                   batch_size=args.per_device_train_batch_size,
+                                   guidance_scale=self.rollout_guidance_scale)
         latents = torch.cat([c.latents for c in chunks])
         images = self.adapter.decode(latents)
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}

@@ -20,6 +20,11 @@ class FlowNFTConfig(FlowRLConfig):
         reference uses 1.0 (0.1 for OCR and multi-reward runs).
     timestep_fraction (`float`, defaults to `0.99`):
         Each sample trains on `int(num_inference_steps * timestep_fraction)` distinct grid sigmas (9 of 10).
+    rollout_guidance_scale (`float`, *optional*):
+        CFG scale of the rollouts only; training and evaluation keep `guidance_scale`. NFT learns from final images
+        alone, so any sampler may produce them (the reference samples with DPM-Solver-2): with `guidance_scale=1.0`
+        and e.g. `rollout_guidance_scale=3.0`, the CFG-free policy is trained on guided samples. Unset: the rollouts
+        use `guidance_scale`.
     old_policy_decay (`str`, defaults to `"linear"`):
         Soft update of the sampling ("old") policy before each rollout, `old <- d old + (1 - d) theta`, with
         `d = 0` (`"none"`), `min(0.001 step, 0.5)` (`"linear"`, the reference default), or `0` before step 75 and
@@ -41,6 +46,9 @@ class FlowNFTConfig(FlowRLConfig):
     timestep_fraction: float = field(
         default=0.99, metadata={"help": "Fraction of the sampling grid's sigmas trained per sample."}
     )
+    rollout_guidance_scale: float | None = field(
+        default=None, metadata={"help": "CFG scale of the rollouts only (unset: guidance_scale)."}
+    )
     old_policy_decay: str = field(
         default="linear", metadata={"help": "Old-policy soft-update schedule: 'none', 'linear' or 'delayed'."}
     )
@@ -51,6 +59,10 @@ class FlowNFTConfig(FlowRLConfig):
             raise ValueError(f"nft_beta must be positive; got {self.nft_beta}.")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
+        if self.rollout_guidance_scale is not None and self.rollout_guidance_scale <= 0:
+            raise ValueError(
+                f"rollout_guidance_scale must be positive (1.0: no CFG); got {self.rollout_guidance_scale}."
+            )
         if self.old_policy_decay not in SOFT_UPDATE_SCHEDULES:
             raise ValueError(
                 f"old_policy_decay must be one of {SOFT_UPDATE_SCHEDULES}; got {self.old_policy_decay!r}."

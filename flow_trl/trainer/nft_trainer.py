@@ -105,6 +105,11 @@ class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
     _policy_adapters = ("old",)
     _sampling_policy = "old"
 
+    @property
+    def rollout_guidance_scale(self) -> float:
+        scale = self.args.rollout_guidance_scale
+        return self.args.guidance_scale if scale is None else scale
+
     def _before_generation(self) -> None:
         self._soft_update("old", self.args.old_policy_decay, OLD_POLICY_MAX_DECAY, "nft/old_policy_decay")
 
