@@ -2,7 +2,10 @@
 
 import pytest
 import torch
+from peft import LoraConfig
 
+from flow_trl import FlowNFTConfig, FlowNFTTrainer
+from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
 from flow_trl.trainer.nft_trainer import advantage_to_r, nft_loss
 from flow_trl.trainer.utils import soft_update_decay
 
@@ -82,11 +85,6 @@ def test_soft_update_schedules():
 
 
 def test_rollout_guidance_scale_guides_rollouts_only(tmp_path):
-    from peft import LoraConfig
-
-    from flow_trl import FlowNFTConfig, FlowNFTTrainer
-    from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
-
     args = FlowNFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
                          num_inference_steps=4, max_steps=1, save_strategy="no", report_to="none",
                          rollout_guidance_scale=3.0)
@@ -115,7 +113,5 @@ def test_rollout_guidance_scale_guides_rollouts_only(tmp_path):
 
 
 def test_rollout_guidance_scale_must_be_positive(tmp_path):
-    from flow_trl import FlowNFTConfig
-
     with pytest.raises(ValueError, match="rollout_guidance_scale must be positive"):
         FlowNFTConfig(output_dir=str(tmp_path), rollout_guidance_scale=0.0)
