@@ -1,10 +1,13 @@
 """The shipped shapes pipeline: offline loading, real diffusers classes, deterministic generation, real skill."""
 
+import argparse
+
 import pytest
 import torch
 
 from flow_trl.toy import evaluate_pipeline, generate, load_shapes_pipeline, score_batch, split_prompts
 from flow_trl.toy.pipeline import EOS_ID, SHAPES_PIPELINE_DIR, build_tokenizer, build_untrained_pipeline
+from flow_trl.toy.pretrain import learning_rate
 
 
 def test_components_are_the_real_sd3_classes(shapes_pipe):
@@ -18,6 +21,7 @@ def test_components_are_the_real_sd3_classes(shapes_pipe):
     assert isinstance(shapes_pipe.text_encoder_3, T5EncoderModel)
     # shift and scale come from pretraining the VAE, not the library defaults
     assert shapes_pipe.vae.config.scaling_factor != 1.0
+    assert shapes_pipe.transformer.config.qk_norm == build_untrained_pipeline().transformer.config.qk_norm == "rms_norm"
 
 
 def test_tokenizer_is_word_level_with_a_distinct_end_token(shapes_pipe):
@@ -74,6 +78,18 @@ def test_evaluate_pipeline_reports_every_family_and_writes_a_grid(shapes_pipe, t
     from PIL import Image
 
     assert Image.open(tmp_path / "g.png").size[1] >= 6 * 64  # one row per family
+
+
+def test_pretraining_schedule_warms_up_holds_then_decays_to_zero():
+    args = argparse.Namespace(lr=4e-3, warmup_steps=200, transformer_steps=3000, lr_schedule="wsd", decay_fraction=0.3)
+    lrs = [learning_rate(step, args) for step in range(3000)]
+    assert lrs[0] == pytest.approx(4e-3 / 200) and lrs[199] == pytest.approx(4e-3)
+    assert lrs[2100] == pytest.approx(4e-3)  # the decay starts after 70% of the steps...
+    assert lrs[2550] == pytest.approx(2e-3)  # ...halfway down at 85%...
+    assert lrs[2999] == pytest.approx(4e-3 / 900)  # ...and its last step is the smallest
+    assert all(a >= b for a, b in zip(lrs[2100:], lrs[2101:]))
+    args.lr_schedule = "constant"
+    assert learning_rate(2999, args) == pytest.approx(4e-3)
 
 
 def test_load_shapes_pipeline_explains_a_missing_directory(tmp_path):

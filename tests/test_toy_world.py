@@ -70,6 +70,20 @@ def test_shapes_dataset_columns_and_unknown_split():
         shapes_dataset("validation")
 
 
+def test_balanced_dataset_trains_every_family_equally_often():
+    train = split_prompts("train")
+    counts = {tag: sum(r["tag"] == tag for r in train) for tag in TAGS}
+    assert counts["color_attr"] == max(counts.values()) > 10 * counts["single_object"]  # why balancing matters
+    balanced = shapes_dataset("train", balanced=True)
+    assert len(balanced) == len(TAGS) * counts["color_attr"]
+    for tag in TAGS:
+        prompts = [row["prompt"] for row in balanced if row["tag"] == tag]
+        family = [r["prompt"] for r in train if r["tag"] == tag]
+        assert len(prompts) == counts["color_attr"]
+        assert set(prompts) == set(family)  # every prompt kept, each within one repeat of the others
+        assert max(prompts.count(p) for p in family) - min(prompts.count(p) for p in family) <= 1
+
+
 def test_parse_prompt_rejects_foreign_prompts():
     with pytest.raises(ValueError, match="not a shapes-world prompt"):
         parse_prompt("an astronaut riding a horse")

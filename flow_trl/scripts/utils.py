@@ -42,6 +42,14 @@ class ScriptArguments:
         default=None, metadata={"help": "Module names LoRA adapts; the model family's attention projections if unset."}
     )
     lora_init: str = field(default="gaussian", metadata={"help": "LoRA initialisation (peft `init_lora_weights`)."})
+    balance_families: bool = field(
+        default=False,
+        metadata={
+            "help": "Shapes world only: repeat each GenEval family's training prompts up to the size of the largest "
+            "family, so the six families are trained as often as the evaluation weighs them (the train split is 68% "
+            "color_attr)."
+        },
+    )
     eval_num_per_family: int = field(
         default=48,
         metadata={"help": "Shapes world only: held-out samples per GenEval family in the before/after table."},
@@ -123,7 +131,7 @@ def load_prompt_datasets(script_args: ScriptArguments):
         from ..toy import shapes_dataset
 
         eval_ds = shapes_dataset(script_args.dataset_test_split) if script_args.dataset_test_split else None
-        return shapes_dataset(script_args.dataset_train_split), eval_ds
+        return shapes_dataset(script_args.dataset_train_split, balanced=script_args.balance_families), eval_ds
     from datasets import load_dataset
 
     data = load_dataset(script_args.dataset_name)

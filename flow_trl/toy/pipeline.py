@@ -50,8 +50,15 @@ def build_tokenizer():
     )
 
 
-def build_untrained_pipeline(seed: int = 0):
-    """The shapes pipeline with freshly initialised weights (what `pretrain.py` starts from)."""
+def build_untrained_pipeline(seed: int = 0, qk_norm: str | None = "rms_norm"):
+    """The shapes pipeline with freshly initialised weights (what `pretrain.py` starts from).
+
+    Args:
+        seed (`int`, defaults to `0`): seed of the initialisation.
+        qk_norm (`str`, *optional*, defaults to `"rms_norm"`): query/key normalisation of the transformer's attention
+            (SD3.5's choice; it keeps pretraining stable at the recipe's learning rate). `None` builds the layout
+            of the first two shipped models.
+    """
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -115,6 +122,7 @@ def build_untrained_pipeline(seed: int = 0):
         caption_projection_dim=128,
         pooled_projection_dim=64,
         pos_embed_max_size=16,
+        qk_norm=qk_norm,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,

@@ -87,6 +87,16 @@ def sample_sigmas(batch_size: int, shift: float, generator: torch.Generator) -> 
     return shift * u / (1 + (shift - 1) * u)
 
 
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then constant (``"constant"``) or warm-up-stable-decay (``"wsd"``: linear decay to 0 over the
+    last `decay_fraction` of the steps)."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+    decay_start = int(args.transformer_steps * (1 - args.decay_fraction))
+    if args.lr_schedule == "wsd" and step >= decay_start:
+        lr = args.lr * (args.transformer_steps - step) / (args.transformer_steps - decay_start)
+    return lr
+
+
 def train_transformer(pipe, prompts: list[str], latents: torch.Tensor, args: argparse.Namespace) -> None:
     """Flow matching on ``(prompt, latent)`` pairs; the transformer and the three text encoders are trained."""
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -98,7 +108,7 @@ def train_transformer(pipe, prompts: list[str], latents: torch.Tensor, args: arg
     ema = copy.deepcopy(pipe.transformer).requires_grad_(False)
     shift = pipe.scheduler.config.shift
     for step in range(args.transformer_steps):
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+        lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
@@ -140,10 +150,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vae_batch_size", type=int, default=32, help="VAE batch size.")
     parser.add_argument("--vae_lr", type=float, default=1e-3, help="VAE learning rate.")
     parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the VAE's KL term.")
-    parser.add_argument("--transformer_steps", type=int, default=3000, help="Transformer optimizer steps.")
+    parser.add_argument("--transformer_steps", type=int, default=2700, help="Transformer optimizer steps.")
     parser.add_argument("--batch_size", type=int, default=64, help="Transformer batch size.")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Transformer/text-encoder learning rate.")
+    parser.add_argument("--lr", type=float, default=4e-3, help="Transformer/text-encoder peak learning rate.")
     parser.add_argument("--warmup_steps", type=int, default=200, help="Linear warm-up steps.")
+    parser.add_argument("--lr_schedule", choices=["constant", "wsd"], default="wsd",
+                        help="After warm-up: constant, or warm-up-stable-decay (linear decay to 0 at the end).")
+    parser.add_argument("--decay_fraction", type=float, default=0.3, help="Share of the steps the 'wsd' decay takes.")
+    parser.add_argument("--qk_norm", default="rms_norm", help="Attention query/key normalisation ('none': off).")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the saved transformer.")
     parser.add_argument("--cfg_dropout", type=float, default=0.1, help="Fraction of empty prompts.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     start = time.time()
-    pipe = build_untrained_pipeline(seed=args.seed)
+    pipe = build_untrained_pipeline(seed=args.seed, qk_norm=None if args.qk_norm == "none" else args.qk_norm)
     _log(f"rendering {args.num_images} training images")
     prompts, images = render_pool(args.num_images, args.seed)
     train_vae(pipe.vae, images, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, args.seed)

@@ -112,14 +112,25 @@ def split_prompts(split: str) -> list[Metadata]:
     return out
 
 
-def shapes_dataset(split: str = "train"):
+def balance_families(rows: list[Metadata]) -> list[Metadata]:
+    """Repeat each GenEval family's rows cyclically up to the size of the largest family (families in `TAGS` order)."""
+    families = [family for family in ([r for r in rows if r["tag"] == tag] for tag in TAGS) if family]
+    size = max(len(family) for family in families)
+    return [family[i % len(family)] for family in families for i in range(size)]
+
+
+def shapes_dataset(split: str = "train", balanced: bool = False):
     """A :class:`datasets.Dataset` with columns ``prompt``, ``tag``, ``objects``, ``relation``.
 
-    ``split`` is ``"train"`` or ``"test"`` (held-out); the two share no prompt.
+    ``split`` is ``"train"`` or ``"test"`` (held-out); the two share no prompt. With ``balanced``, every family's
+    prompts are repeated up to the size of the largest family (`balance_families`), so that uniform sampling of
+    rows trains the six families equally often, as the evaluation weighs them; the train split itself is 68%
+    ``color_attr`` and 1.7% ``single_object``.
     """
     from datasets import Dataset
 
-    return Dataset.from_list(split_prompts(split))
+    rows = split_prompts(split)
+    return Dataset.from_list(balance_families(rows) if balanced else rows)
 
 
 def shapes_preference_dataset(split: str = "train", num_pairs: int | None = None, seed: int = 0):
