@@ -46,8 +46,8 @@ class ScriptArguments:
         default=False,
         metadata={
             "help": "Shapes world only: repeat each GenEval family's training prompts up to the size of the largest "
-            "family, so the six families are trained as often as the evaluation weighs them (the train split is 68% "
-            "color_attr)."
+            "family, so the six families are trained as often as the evaluation weighs them (two thirds of the "
+            "train split are color_attr prompts)."
         },
     )
     eval_num_per_family: int = field(
