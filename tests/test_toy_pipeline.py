@@ -21,7 +21,8 @@ def test_components_are_the_real_sd3_classes(shapes_pipe):
     assert isinstance(shapes_pipe.text_encoder_3, T5EncoderModel)
     # shift and scale come from pretraining the VAE, not the library defaults
     assert shapes_pipe.vae.config.scaling_factor != 1.0
-    assert shapes_pipe.transformer.config.qk_norm == build_untrained_pipeline().transformer.config.qk_norm == "rms_norm"
+    untrained = build_untrained_pipeline()
+    assert shapes_pipe.transformer.config.qk_norm == untrained.transformer.config.qk_norm == "rms_norm"
 
 
 def test_tokenizer_is_word_level_with_a_distinct_end_token(shapes_pipe):
