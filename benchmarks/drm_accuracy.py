@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=4, help="Base-model samples per prompt.")
     parser.add_argument("--min_gap", type=float, default=0.25, help="Minimum shapes-score gap of a pair.")
     parser.add_argument("--clear_gap", type=float, default=0.5, help="Also report held-out pairs with this gap.")
+    parser.add_argument("--cross_prompt_samples", type=int, default=0,
+                        help="Train pairs only: samples of other prompts (same family) added to each prompt's pool.")
     parser.add_argument("--min_gap_train", type=float, default=0.0, help="Keep only train pairs with this gap.")
     parser.add_argument("--pairs_dir", default=None, help="Cache of the pairs (default: <output_dir>/pairs).")
     parser.add_argument("--sigma_max", type=float, default=1.0, help="Highest training sigma.")
@@ -54,7 +56,10 @@ def main() -> None:
         for dataset in (train, test):
             dataset.set_format("torch", columns=["chosen_latents", "rejected_latents"], output_all_columns=True)
     else:
-        train = sample_preference_pairs(pipe, split_prompts("train"), "shapes", args.num_samples, args.min_gap, seed=0)
+        train = sample_preference_pairs(
+            pipe, split_prompts("train"), "shapes", args.num_samples, args.min_gap, seed=0,
+            cross_prompt_samples=args.cross_prompt_samples, cross_prompt_column="tag",
+        )
         test = sample_preference_pairs(
             pipe, split_prompts("test"), "shapes", args.num_samples, args.min_gap, seed=10**6
         )

@@ -226,3 +226,40 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, shapes_pi
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def channel_reward(prompts, images, **kwargs):
+    """A prompt-dependent reward: the mean of the channel the prompt names (red -> 0, green -> 1, blue -> 2)."""
+    channel = [0 if "red" in p else 1 if "green" in p else 2 for p in prompts]
+    return [images[i, c].float().mean().item() for i, c in enumerate(channel)]
+
+
+@pytest.mark.parametrize("column", [None, "tag"])
+def test_cross_prompt_pairs_are_rescored_against_the_borrowing_prompt(shapes_pipe, column):
+    from flow_trl.drm import sample_preference_pairs
+
+    adapter = get_adapter(shapes_pipe)
+    rows = [{"prompt": p, "tag": "colors" if i < 2 else "other"} for i, p in enumerate(PROMPTS)]
+    kwargs = dict(num_samples=2, min_gap=1e-6, num_inference_steps=2, seed=3)
+    own = sample_preference_pairs(shapes_pipe, rows, channel_reward, **kwargs)
+    cross = sample_preference_pairs(
+        shapes_pipe, rows, channel_reward, cross_prompt_samples=2, cross_prompt_column=column, **kwargs
+    )
+    # Same-prompt pairs: at most one per prompt (2 samples); a pool of 4 gives up to 6 per prompt.
+    assert len(own) <= len(rows) and len(own) < len(cross) <= 6 * len(rows)
+    sides = ("chosen", "rejected")
+    latent_prompt = {row[f"{side}_latents"].sum().item(): row["prompt"] for row in own for side in sides}
+    borrowed = 0
+    for row in cross:
+        assert row["chosen_score"] - row["rejected_score"] >= 1e-6
+        for side in sides:
+            latents = row[f"{side}_latents"]
+            # Every score is the reward of this pair's prompt on that image, borrowed images included.
+            image = adapter.decode(latents[None].to(adapter.transformer.dtype))
+            assert channel_reward([row["prompt"]], image)[0] == pytest.approx(row[f"{side}_score"], abs=1e-5)
+            source = latent_prompt.get(latents.sum().item())
+            if source is not None and source != row["prompt"]:
+                borrowed += 1
+                if column == "tag":
+                    assert rows[PROMPTS.index(source)]["tag"] == row["tag"]
+    assert borrowed > 0
