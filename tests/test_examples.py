@@ -55,6 +55,17 @@ def tiny_drm(tmp_path, few_prompts):
     return str(out)
 
 
+def test_drm_cross_prompt_samples_add_train_pairs_only(tmp_path, few_prompts):
+    reports = {}
+    for cross in ("0", "3"):
+        out = tmp_path / f"cross{cross}"
+        assert main(["drm", "--output_dir", str(out), *DRM_FLAGS, "--cross_prompt_samples", cross]) == 0
+        reports[cross] = json.loads((out / "drm_eval.json").read_text())
+    # 4 own samples give at most 6 pairs per prompt, a pool of 7 up to 21; the held-out pairs are unchanged.
+    assert reports["0"]["train_pairs"] <= 6 * 8 < reports["3"]["train_pairs"] <= 21 * 8
+    assert reports["0"]["eval_pairs"] == reports["3"]["eval_pairs"] > 0
+
+
 def tiny_flags(command: str, request) -> list[str]:
     if command == "drm":
         request.getfixturevalue("few_prompts")

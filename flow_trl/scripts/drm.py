@@ -26,6 +26,13 @@ class DRMScriptArguments(ScriptArguments):
 
     num_samples: int = field(default=4, metadata={"help": "Shapes world: base-model samples per prompt."})
     min_gap: float = field(default=0.25, metadata={"help": "Shapes world: minimum reward gap of a preference pair."})
+    cross_prompt_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Shapes world: samples of other prompts of the same family added to each train prompt's pool, "
+            "rescored against it (held-out pairs stay same-prompt)."
+        },
+    )
 
 
 # The shapes-world recipe (measured figures: docs/drm.md).
@@ -55,7 +62,7 @@ def load_pair_datasets(script_args: DRMScriptArguments, pipe):
         from ..drm import sample_preference_pairs
         from ..toy import split_prompts
 
-        def pairs(split: str, seed: int):
+        def pairs(split: str, seed: int, cross_prompt_samples: int = 0):
             return sample_preference_pairs(
                 pipe,
                 split_prompts(split),
@@ -63,10 +70,13 @@ def load_pair_datasets(script_args: DRMScriptArguments, pipe):
                 script_args.num_samples,
                 script_args.min_gap,
                 seed=seed,
+                cross_prompt_samples=cross_prompt_samples,
+                cross_prompt_column="tag",
             )
 
         test = script_args.dataset_test_split
-        return pairs(script_args.dataset_train_split, 0), (pairs(test, 10**6) if test else None)
+        train = pairs(script_args.dataset_train_split, 0, script_args.cross_prompt_samples)
+        return train, (pairs(test, 10**6) if test else None)
     from datasets import load_dataset
 
     data = load_dataset(script_args.dataset_name)
@@ -95,7 +105,7 @@ def main(script_args: DRMScriptArguments, training_args) -> dict[str, Any]:
     trainer.save_model(training_args.output_dir)
     report: dict[str, Any] = {"train_pairs": len(trainer.train_dataset)}
     if eval_ds is not None:
-        report.update(trainer.evaluate())
+        report.update(eval_pairs=len(eval_ds), **trainer.evaluate())
         if trainer.is_world_process_zero():
             print(f"\nheld-out pairwise accuracy ({len(trainer.eval_dataset)} pairs)\n{'sigma':<8}{'accuracy':>9}")
             for sigma in training_args.eval_sigmas:
