@@ -15,7 +15,7 @@ shapes recipe on their families (`--teacher_max_steps` steps each); without it, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,9 @@ def train_shapes_teacher(
     from ..trainer import FlowNFTConfig, FlowNFTTrainer
 
     shared = {name: getattr(student_args, name) for name in TEACHER_SHARED_FIELDS}
-    args = FlowNFTConfig(**{**SHAPES_NFT_DEFAULTS, **shared, "output_dir": str(output_dir), "max_steps": max_steps})
+    config_fields = {f.name for f in fields(FlowNFTConfig)}
+    recipe = {key: value for key, value in SHAPES_NFT_DEFAULTS.items() if key in config_fields}  # not script flags
+    args = FlowNFTConfig(**{**recipe, **shared, "output_dir": str(output_dir), "max_steps": max_steps})
     trainer = FlowNFTTrainer(
         model=str(SHAPES_PIPELINE_DIR),
         args=args,
