@@ -14,10 +14,12 @@ TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generat
 @pytest.mark.parametrize("command", ["nft", "awm", "dpo", "dance_grpo"])
 def test_training_commands_on_the_shapes_world_report_before_and_after(tmp_path, capsys, monkeypatch, command):
     extra = ["--num_train_timesteps", "1"] if command in ("awm", "dpo") else []
-    assert main([command, "--output_dir", str(tmp_path), *TINY, *extra]) == 0
+    assert main([command, "--output_dir", str(tmp_path), *TINY, *extra, "--logging_steps", "1"]) == 0
     report = json.loads((tmp_path / "shapes_eval.json").read_text())
     assert set(report) == {"before", "after"} and "score/position" in report["after"]
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    logs = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]  # the curves' source
+    assert any("reward" in log and "loss" in log for log in logs)
     assert (tmp_path / "samples_before.png").is_file() and (tmp_path / "samples_after.png").is_file()
     assert "held-out shapes score" in capsys.readouterr().out
     card = (tmp_path / "README.md").read_text()  # the model card carries the before/after figures and the grid

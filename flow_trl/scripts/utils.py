@@ -195,6 +195,7 @@ def run_training(trainer_class, script_args: ScriptArguments, training_args) -> 
         report["before"] = shapes_report(trainer, script_args, "before")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history, for curves (benchmarks/nft_log_curves.py)
     card: dict[str, Any] = {}
     if shapes and trainer.is_world_process_zero():
         report["after"] = shapes_report(trainer, script_args, "after")
