@@ -352,6 +352,26 @@ def test_latents_pack_and_encode_in_the_pipeline_layout(pipes, family):
         adapter.latent_shape(18, 18)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_splits_the_batch_without_changing_images_or_gradients(pipes, family):
+    latents = get_adapter(pipes[family], MAX_LEN).initial_noise(
+        5, RESOLUTION, RESOLUTION, torch.Generator().manual_seed(3), torch.float32
+    )
+    whole, split = get_adapter(pipes[family], MAX_LEN, None), get_adapter(pipes[family], MAX_LEN, decode_batch_size=2)
+    calls = []
+    hook = pipes[family].vae.decoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    try:
+        torch.testing.assert_close(split.decode(latents), whole.decode(latents), atol=1e-6, rtol=0)
+        assert calls == [2, 2, 1, 5]  # three VAE calls of at most 2 latents, then one of all 5
+        x = latents.clone().requires_grad_()
+        split.decode(x, requires_grad=True).mean().backward()
+        assert x.grad.abs().sum(dim=tuple(range(1, x.dim()))).min() > 0  # every chunk's latents get a gradient
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="decode_batch_size must be at least 1"):
+        get_adapter(pipes[family], MAX_LEN, decode_batch_size=0)
+
+
 def test_flux_guidance_is_embedded_not_cfg(pipes):
     adapter = get_adapter(pipes["flux"], MAX_LEN)
     cond = adapter.encode_prompts(PROMPTS)

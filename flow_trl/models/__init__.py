@@ -16,8 +16,8 @@ from .sd3 import SD3Adapter
 ADAPTERS: tuple[type[FlowModelAdapter], ...] = (SD3Adapter, FluxAdapter, Flux2KleinAdapter, QwenImageAdapter)
 
 
-def get_adapter(pipe, max_sequence_length: int | None = None) -> FlowModelAdapter:
-    """The adapter for `pipe`, chosen by its class (or a parent class) name.
+def get_adapter(pipe, max_sequence_length: int | None = None, decode_batch_size: int | None = 16) -> FlowModelAdapter:
+    """The adapter for `pipe`, chosen by its class (or a parent class) name (arguments: see `FlowModelAdapter`).
 
     Raises:
         ValueError: for a pipeline family flow_trl does not support, listing the supported ones.
@@ -25,7 +25,7 @@ def get_adapter(pipe, max_sequence_length: int | None = None) -> FlowModelAdapte
     names = [cls.__name__ for cls in type(pipe).__mro__]
     for adapter_cls in ADAPTERS:
         if any(name in adapter_cls.pipeline_class_names for name in names):
-            return adapter_cls(pipe, max_sequence_length=max_sequence_length)
+            return adapter_cls(pipe, max_sequence_length=max_sequence_length, decode_batch_size=decode_batch_size)
     supported = sorted(n for a in ADAPTERS for n in a.pipeline_class_names)
     raise ValueError(
         f"{type(pipe).__name__} is not supported by flow_trl. Supported pipelines: {', '.join(supported)}. "

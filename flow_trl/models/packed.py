@@ -137,7 +137,7 @@ class PackedLatentAdapter(FlowModelAdapter):
         vae = self.pipe.vae
         return self.pack(self.vae_encode(images.to(vae.device, vae.dtype) * 2 - 1)).float()
 
-    def decode(self, latents: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+    def decode_batch(self, latents: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
         vae = self.pipe.vae
         with torch.set_grad_enabled(requires_grad):
             pixels = self.vae_decode(self.unpack(latents.to(vae.device, vae.dtype)))

@@ -23,10 +23,10 @@ class QwenImageAdapter(PackedLatentAdapter):
     pipeline_class_names = ("QwenImagePipeline",)
     default_lora_target_modules = MMDIT_ATTENTION_PROJECTIONS
 
-    def __init__(self, pipe, max_sequence_length: int | None = None):
+    def __init__(self, pipe, max_sequence_length: int | None = None, decode_batch_size: int | None = 16):
         if pipe.transformer.config.guidance_embeds:
             raise ValueError("Guidance-distilled Qwen-Image transformers (guidance_embeds=True) are not supported.")
-        super().__init__(pipe, max_sequence_length)
+        super().__init__(pipe, max_sequence_length, decode_batch_size)
 
     def default_max_sequence_length(self) -> int:
         return 512  # QwenImagePipeline.__call__'s default

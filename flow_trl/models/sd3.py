@@ -75,7 +75,7 @@ class SD3Adapter(FlowModelAdapter):
         z = vae.encode(x, return_dict=False)[0].mode()
         return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
-    def decode(self, latents: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+    def decode_batch(self, latents: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
         vae = self.pipe.vae
         with torch.set_grad_enabled(requires_grad):
             z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

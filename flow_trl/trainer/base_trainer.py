@@ -148,7 +148,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         set_seed(args.seed)
 
         self.pipe = load_pipeline(model, args.model_init_kwargs)
-        self.adapter = get_adapter(self.pipe, args.max_sequence_length)
+        self.adapter = get_adapter(self.pipe, args.max_sequence_length, args.decode_batch_size)
         needs_rewards = reward_funcs is not None or self._requires_reward_funcs(train_dataset)
         self.reward_funcs = resolve_reward_funcs(reward_funcs) if needs_rewards else []
         self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
