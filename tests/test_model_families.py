@@ -363,9 +363,13 @@ def test_decode_splits_the_batch_without_changing_images_or_gradients(pipes, fam
     try:
         torch.testing.assert_close(split.decode(latents), whole.decode(latents), atol=1e-6, rtol=0)
         assert calls == [2, 2, 1, 5]  # three VAE calls of at most 2 latents, then one of all 5
-        x = latents.clone().requires_grad_()
-        split.decode(x, requires_grad=True).mean().backward()
-        assert x.grad.abs().sum(dim=tuple(range(1, x.dim()))).min() > 0  # every chunk's latents get a gradient
+        grads = []
+        for adapter in (split, whole):
+            x = latents.clone().requires_grad_()
+            (adapter.decode(x, requires_grad=True) * torch.linspace(0, 1, 3)[:, None, None]).sum().backward()
+            grads.append(x.grad)
+        assert grads[0].abs().sum(dim=tuple(range(1, latents.dim()))).min() > 0  # every chunk's latents get one
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     finally:
         hook.remove()
     with pytest.raises(ValueError, match="decode_batch_size must be at least 1"):
