@@ -128,7 +128,7 @@ class FlowModelAdapter:
         """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents; differentiable only with `requires_grad`.
 
         Decodes `decode_batch_size` latents per VAE call: less peak memory on GPU, and on CPU 16 at a time is about
-        twice as fast as 64 at once (the activations stay in cache; `benchmarks/decode_batch.py`). Each image's
+        1.8-2.4x as fast as 64 at once (`benchmarks/decode_batch.py`). Each image's
         decoding is independent of the others in its batch, so the result does not depend on the split.
         """
         size = self.decode_batch_size or len(latents)

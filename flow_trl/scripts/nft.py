@@ -15,9 +15,9 @@ from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
 # The shapes-world recipe: 500 steps, 13.5 minutes on this project's fast 2-core machine (before decoding was
-# chunked; 20 minutes of training on a slower one). It trains 3 of the 10 grid timesteps per sample (more samples for the same compute), drops the KL
-# term, and samples the six GenEval families' training prompts equally often (the evaluation weighs them equally).
-# Measured figures, and the runs behind these choices: docs/benchmarks.md.
+# chunked; 20 minutes of training on a slower one). It trains 3 of the 10 grid timesteps per sample (more samples for
+# the same compute), drops the KL term, and samples the six GenEval families' training prompts equally often (the
+# evaluation weighs them equally). Measured figures, and the runs behind these choices: docs/benchmarks.md.
 SHAPES_NFT_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-nft",
