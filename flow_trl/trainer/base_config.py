@@ -101,6 +101,15 @@ class FlowRLConfig(TrainingArguments):
         robustness, the NormGuard paper's Table 4.
     num_images_to_log (`int`, defaults to `16`):
         Evaluation samples saved as a grid (under `output_dir/samples/` and to image-capable loggers); `0` disables.
+    weight_ema_decay (`float`, defaults to `0.0`):
+        Keep an exponential moving average of the trained weights (`ema <- d ema + (1 - d) theta` after optimizer
+        steps, `d = min((1 + k) / (10 + k), weight_ema_decay)` at 0-based step `k`), evaluate with it, and end
+        training with it in the model, so that `save_model`, the model card and `push_to_hub` publish the average.
+        Checkpoints keep the trained weights and the average apart, so resuming continues both. Not a policy: no
+        loss uses it. The references evaluate with 0.9 (Diffusion-NFT, every step; flow_grpo, every 8 steps) and
+        0.99 (AWM). `0` disables it.
+    weight_ema_update_interval (`int`, defaults to `1`):
+        Optimizer steps between EMA updates.
 
     > [!NOTE]
     > Launched with several processes (`WORLD_SIZE > 1`) on a machine without accelerators, `use_cpu` is switched
@@ -187,6 +196,10 @@ class FlowRLConfig(TrainingArguments):
         default=None, metadata={"help": "Extra ODE step counts to evaluate with (logged as eval_reward@<steps>)."}
     )
     num_images_to_log: int = field(default=16, metadata={"help": "Eval samples saved as an image grid; 0 disables."})
+    weight_ema_decay: float = field(
+        default=0.0, metadata={"help": "Decay of a weight EMA that is evaluated and saved (NFT: 0.9); 0: off."}
+    )
+    weight_ema_update_interval: int = field(default=1, metadata={"help": "Optimizer steps between EMA updates."})
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
@@ -236,6 +249,10 @@ class FlowRLConfig(TrainingArguments):
             raise ValueError(f"advantage_clip must be positive or None; got {self.advantage_clip}.")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}.")
+        if not 0 <= self.weight_ema_decay < 1:
+            raise ValueError(f"weight_ema_decay must be in [0, 1) (0: no EMA); got {self.weight_ema_decay}.")
+        if self.weight_ema_update_interval < 1:
+            raise ValueError(f"weight_ema_update_interval must be >= 1; got {self.weight_ema_update_interval}.")
         micro_steps = self.steps_per_generation * self.num_iterations  # micro-batches served by one rollout
         if self.save_strategy == "steps" and self.save_steps >= 1:
             if (int(self.save_steps) * self.gradient_accumulation_steps) % micro_steps:

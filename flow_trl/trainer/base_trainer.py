@@ -18,7 +18,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,14 @@ from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, w
 from ..sampling import rollout
 from .base_config import FlowRLConfig
 from .callbacks import use_diffusers_callbacks
+from .ema import ParameterEMA
 from .model_card import ModelCardMixin
 from .utils import soft_update_decay
 
 
 POLICY_STATE_FILE = "flow_trl_policies.safetensors"
 ALGORITHM_STATE_FILE = "flow_trl_state.json"  # what an algorithm adapts during training (e.g. SLAS gamma)
+WEIGHT_EMA_FILE = "flow_trl_weight_ema.safetensors"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -85,6 +87,17 @@ class RepeatSampler(Sampler[int]):
         return (self.num_rows // self.prompts_per_generation) * self.prompts_per_generation * (
             self.num_generations * self.repeat_count
         )
+
+
+class _WeightEMAUpdate(TrainerCallback):
+    """Folds the trained weights into the trainer's `ParameterEMA` after every optimizer step (before logging,
+    evaluation and saving, which `Trainer` runs after `on_step_end`)."""
+
+    def __init__(self, ema: ParameterEMA):
+        self.ema = ema
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.update(state.global_step)
 
 
 def _identity(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,6 +213,10 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             optimizers=optimizers,
         )
         use_diffusers_callbacks(self.callback_handler)
+        self.weight_ema: ParameterEMA | None = None
+        if args.weight_ema_decay > 0:
+            self.weight_ema = ParameterEMA(self.transformer, args.weight_ema_decay, args.weight_ema_update_interval)
+            self.add_callback(_WeightEMAUpdate(self.weight_ema))
         self.compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         for module in self.adapter.frozen_modules():
             module.to(self.accelerator.device)
@@ -532,11 +549,14 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             raise ValueError("evaluate() scores samples with reward functions; pass `reward_funcs` to the trainer.")
         self.model.eval()
         rows = list(dataset)
-        scores, images = self._score_eval_rows(rows, self.sigmas)
-        metrics = self._eval_metrics(scores, metric_key_prefix, "")
-        for steps in self.args.eval_num_inference_steps or []:
-            grid = self.adapter.sigma_grid(steps, self.resolution, self.resolution)
-            metrics.update(self._eval_metrics(self._score_eval_rows(rows, grid)[0], metric_key_prefix, f"@{steps}"))
+        with self.weight_ema.applied() if self.weight_ema is not None else nullcontext():
+            scores, images = self._score_eval_rows(rows, self.sigmas)
+            metrics = self._eval_metrics(scores, metric_key_prefix, "")
+            for steps in self.args.eval_num_inference_steps or []:
+                grid = self.adapter.sigma_grid(steps, self.resolution, self.resolution)
+                metrics.update(
+                    self._eval_metrics(self._score_eval_rows(rows, grid)[0], metric_key_prefix, f"@{steps}")
+                )
         if self.args.num_images_to_log and self.accelerator.is_main_process and images:
             self._save_samples(torch.cat(images)[: self.args.num_images_to_log])
         self.log(metrics)
@@ -610,8 +630,13 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
                     bar.set_postfix(reward=f"{metrics['reward']:.4f}", refresh=False)
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`, then an end-of-training summary on the main process (see `training_summary`)."""
+        """`Trainer.train`, then an end-of-training summary on the main process (see `training_summary`).
+
+        With `weight_ema_decay`, the model holds the weight EMA afterwards (what `save_model` then writes).
+        """
         output = super().train(*args, **kwargs)
+        if self.weight_ema is not None:
+            self.weight_ema.copy_to_module()
         if self.is_world_process_zero() and not self.args.disable_tqdm:
             print(format_training_summary(self.training_summary()))
         return output
@@ -663,10 +688,12 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         if not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-        if self._policy_adapters:
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
+        if self._policy_adapters:
             save_file(self._policy_state(), os.path.join(folder, POLICY_STATE_FILE))
+        if self.weight_ema is not None:
+            save_file(self.weight_ema.state_dict(), os.path.join(folder, WEIGHT_EMA_FILE))
         algorithm_state = self._algorithm_state()
         if algorithm_state:
             with open(os.path.join(folder, ALGORITHM_STATE_FILE), "w") as f:
@@ -711,6 +738,14 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         if os.path.isfile(state_file):
             with open(state_file) as f:
                 self._restore_algorithm_state(json.load(f))
+        if self.weight_ema is not None:
+            ema_file = os.path.join(resume_from_checkpoint, WEIGHT_EMA_FILE)
+            if not os.path.isfile(ema_file):
+                raise FileNotFoundError(
+                    f"{ema_file} is missing: the checkpoint was saved without a weight EMA. Resume with "
+                    "weight_ema_decay=0, or start a new run to average the weights."
+                )
+            self.weight_ema.load_state_dict(load_file(ema_file))
         policy_file = os.path.join(resume_from_checkpoint, POLICY_STATE_FILE)
         if self._policy_adapters:
             if not os.path.isfile(policy_file):
