@@ -173,16 +173,12 @@ def shapes_card_table(before: dict[str, float], after: dict[str, float]) -> dict
     return {f"shapes held-out {key} (base -> trained)": f"{before[key]:.3f} -> {after[key]:.3f}" for key in keys}
 
 
-def run_training(trainer_class, script_args: ScriptArguments, training_args) -> dict[str, Any]:
-    """Train `trainer_class` as the flags say; on the shapes world, report the held-out score before and after.
-
-    Returns ``{"before", "after"}`` shapes metrics (shapes world only) and the trainer's ``log_history``.
-    """
+def build_trainer(trainer_class, script_args: ScriptArguments, training_args):
+    """The `trainer_class` instance the flags describe (the shapes world when no `--model` is given)."""
     from ..toy import SHAPES_PIPELINE_DIR
 
-    shapes = script_args.model is None
     train_ds, eval_ds = load_prompt_datasets(script_args)
-    trainer = trainer_class(
+    return trainer_class(
         model=script_args.model or str(SHAPES_PIPELINE_DIR),
         args=training_args,
         reward_funcs=script_args.reward_funcs,
@@ -190,6 +186,17 @@ def run_training(trainer_class, script_args: ScriptArguments, training_args) -> 
         eval_dataset=eval_ds,
         peft_config=build_peft_config(script_args),
     )
+
+
+def run_training(trainer_class, script_args: ScriptArguments, training_args, trainer=None) -> dict[str, Any]:
+    """Train `trainer_class` as the flags say; on the shapes world, report the held-out score before and after.
+
+    `trainer`: an instance `build_trainer` made (e.g. with extra callbacks) to use instead of a new one. Returns
+    ``{"before", "after"}`` shapes metrics (shapes world only) and the trainer's ``log_history``.
+    """
+    shapes = script_args.model is None
+    if trainer is None:
+        trainer = build_trainer(trainer_class, script_args, training_args)
     report: dict[str, Any] = {}
     if shapes and trainer.is_world_process_zero():
         report["before"] = shapes_report(trainer, script_args, "before")
