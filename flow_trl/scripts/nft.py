@@ -1,7 +1,7 @@
 """Train with Diffusion-NFT: `flow-trl nft [--flags | --config cfg.yaml]`.
 
-With no `--model`, trains a LoRA on the embedded shapes world (CPU-sized defaults, 13.5-23 minutes of training on 2 cores),
-printing the held-out GenEval-style score before and after and saving sample grids. With a model:
+With no `--model`, trains a LoRA on the embedded shapes world (CPU-sized defaults, 13.5-23 minutes of training on 2
+cores), printing the held-out GenEval-style score before and after and saving sample grids. With a model:
 
     accelerate launch examples/scripts/nft.py --model stabilityai/stable-diffusion-3.5-medium \\
         --dataset_name my/prompts --reward_funcs my_pkg.rewards.pickscore --output_dir sd35-nft --bf16
@@ -15,8 +15,8 @@ from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
 # The shapes-world recipe: 500 steps, 13.5 minutes on this project's fast 2-core machine (before decoding was
-# chunked; 20-23 minutes of training on a slower one). It trains 3 of the 10 grid timesteps per sample (more samples for
-# the same compute), drops the KL term, and samples the six GenEval families' training prompts equally often (the
+# chunked; 20-23 minutes of training on a slower one). It trains 3 of the 10 grid timesteps per sample (more samples
+# for the same compute), drops the KL term, and samples the six GenEval families' training prompts equally often (the
 # evaluation weighs them equally). Measured figures, and the runs behind these choices: docs/benchmarks.md.
 SHAPES_NFT_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
