@@ -14,14 +14,15 @@ from typing import Any
 from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
-# The shapes-world recipe: 500 steps, 13.5 minutes on this project's fast 2-core machine (before decoding was
-# chunked; 20-23 minutes of training on a slower one). It trains 3 of the 10 grid timesteps per sample (more samples
+# The shapes-world recipe: 250 steps of 64 images, 9.0-9.5 minutes of training on this project's fast 2-core machine
+# (slower CPUs take longer, docs/benchmarks.md). It trains 3 of the 10 grid timesteps per sample (more samples
 # for the same compute), drops the KL term, and samples the six GenEval families' training prompts equally often (the
 # evaluation weighs them equally). Measured figures, and the runs behind these choices: docs/benchmarks.md.
 SHAPES_NFT_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-nft",
-    "max_steps": 500,
+    "max_steps": 250,
+    "per_device_train_batch_size": 64,
     "balance_families": True,
     "learning_rate": 3e-3,
     "timestep_fraction": 0.3,
