@@ -7,6 +7,10 @@ Runs the command exactly as `flow-trl <trainer> <flags>` does (its shapes recipe
 (`flow_trl.toy.evaluate_pipeline`). The evaluations use their own seeded generators, so the training run is the
 command's own; their time is left out of the training minutes. Prints a table and writes `curve.json` and
 `heldout_curve.png` to --output_dir.
+
+`--side_ema_decays 0.9 0.97` also keeps weight EMAs of the trained weights alongside (`ParameterEMA`, the class behind
+`weight_ema_decay`; they never feed back into training, so the run stays the command's own) and scores each on the
+same rows after the last step: one run compares the trained weights with several averages.
 """
 
 from __future__ import annotations
@@ -49,6 +53,29 @@ class HeldOutCurve(TrainerCallback):
         print(f"step {state.global_step}: held-out {metrics['score']:.3f} after {minutes:.1f} training minutes")
 
 
+class SideEMAs(TrainerCallback):
+    """Weight EMAs of the trainer's trained weights, updated after every optimizer step and scored after the last;
+    `results` maps each decay to its metrics."""
+
+    def __init__(self, trainer, script_args, decays: list[float]):
+        from flow_trl.trainer.ema import ParameterEMA
+
+        self.trainer, self.script_args = trainer, script_args
+        self.emas = {decay: ParameterEMA(trainer.transformer, decay) for decay in decays}
+        self.results: dict[float, dict] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from flow_trl.scripts.utils import shapes_report
+
+        for ema in self.emas.values():
+            ema.update(state.global_step)
+        if state.global_step != state.max_steps:
+            return
+        for decay, ema in self.emas.items():
+            with ema.applied():
+                self.results[decay] = shapes_report(self.trainer, self.script_args, f"ema{decay}")
+
+
 def plot(points: list[dict], before: float, path: Path) -> None:
     import matplotlib
 
@@ -75,6 +102,8 @@ def main() -> None:
     parser.add_argument("--trainer", default="nft", choices=["nft", "awm", "dpo", "grpo", "step_grpo"])
     parser.add_argument("--every", type=int, default=50, help="Optimizer steps between evaluations.")
     parser.add_argument("--output_dir", default=None, help="Default: runs/<trainer>-curve.")
+    parser.add_argument("--side_ema_decays", type=float, nargs="*", default=[],
+                        help="Weight EMA decays to keep alongside and score after the last step.")
     args, flags = parser.parse_known_args()
     flags = [f for f in flags if f != "--"]
     output_dir = args.output_dir or f"runs/{args.trainer}-curve"
@@ -91,6 +120,9 @@ def main() -> None:
     trainer = build_trainer(trainer_class, script_args, training_args)
     curve = HeldOutCurve(trainer, script_args, args.every)
     trainer.add_callback(curve)
+    side = SideEMAs(trainer, script_args, args.side_ema_decays) if args.side_ema_decays else None
+    if side is not None:
+        trainer.add_callback(side)
     report = run_training(trainer_class, script_args, training_args, trainer=trainer)
 
     before = report["before"]["score"]
@@ -98,9 +130,14 @@ def main() -> None:
     for p in curve.points:
         print(f"{p['step']:>6}{p['training_minutes']:>14.1f}{p['score']:>8.3f}{p['score'] - before:>+8.3f}"
               f"{p['strict']:>8.3f}{p['quality']:>9.3f}")
+    side_emas = {str(decay): metrics for decay, metrics in side.results.items()} if side is not None else {}
+    for decay, metrics in side_emas.items():
+        print(f"EMA {decay}: {metrics['score']:.3f} (strict {metrics['strict']:.3f}, "
+              f"quality {metrics['quality']:.3f})")
     out = Path(output_dir)
     (out / "curve.json").write_text(json.dumps({"before": report["before"], "after": report["after"],
-                                                "points": curve.points, "flags": flags}, indent=1))
+                                                "points": curve.points, "side_emas": side_emas, "flags": flags},
+                                               indent=1))
     plot(curve.points, before, out / "heldout_curve.png")
     print(f"curve.json and heldout_curve.png in {out}/")
 
