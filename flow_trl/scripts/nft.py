@@ -14,7 +14,7 @@ from typing import Any
 from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
-# The shapes-world recipe: 250 steps of 64 images, 8.7-9.5 minutes of training on this project's fast 2-core machine
+# The shapes-world recipe: 250 steps of 64 images, 8.7-9.6 minutes of training on this project's fast 2-core machine
 # (slower CPUs take longer, docs/benchmarks.md). It trains 3 of the 10 grid timesteps per sample (more samples
 # for the same compute), drops the KL term, and samples the six GenEval families' training prompts equally often (the
 # evaluation weighs them equally). Measured figures, and the runs behind these choices: docs/benchmarks.md.
