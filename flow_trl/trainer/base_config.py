@@ -199,7 +199,8 @@ class FlowRLConfig(TrainingArguments):
     weight_ema_decay: float = field(
         default=0.0,
         metadata={"help": "Decay of a weight EMA that is evaluated and saved (NFT: 0.9); 0: off. Warmed up as "
-                  "min((1 + k) / (10 + k), decay) at step k: over 250 steps every decay from 0.966 up averages alike."},
+                  "min((1 + k) / (10 + k), decay) at step k: over 250 steps every decay from 0.966 up averages "
+                  "alike."},
     )
     weight_ema_update_interval: int = field(default=1, metadata={"help": "Optimizer steps between EMA updates."})
 

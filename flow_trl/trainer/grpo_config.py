@@ -38,8 +38,8 @@ class DanceGRPOConfig(FlowRLConfig):
     slas_target_kl (`float`, *optional*):
         With `advantage_shaping="slas"`: adapt `slas_gamma` before each rollout to keep the mean `approx_kl` of the
         previous rollout's updates within a factor 1.5 of this target (x1.1 when below, /1.1 when above, in
-        [0, 4]), the KL-coupled gamma appendix E suggests. The current gamma is logged as `slas/gamma`; a resumed run
-        restarts from the configured `slas_gamma`.
+        [0, 4]), the KL-coupled gamma appendix E suggests. The current gamma is logged as `slas/gamma`; checkpoints
+        save it, so a resumed run continues from the adapted value.
     kl_type (`str`, defaults to `"sde_mean"`):
         With `beta > 0`: `"sde_mean"`, Flow-GRPO's `mean_dims (mu - mu_ref)^2 (-dt) / (2 std^2)` between the two
         policies' step means, or `"velocity"`, `mean_dims (v - v_ref)^2`.
