@@ -1,5 +1,5 @@
 """LoRA: default targets of a peft config, and diffusers-format LoRA files (read, merge for the cold start of
-on-policy distillation, load as named peft adapters).
+on-policy distillation, load as named peft adapters, export a full fine-tune's linear-weight changes as one).
 
 A LoRA file is what `FlowRLTrainer._save` writes (and `pipe.load_lora_weights` reads): a
 `pytorch_lora_weights.safetensors` whose keys are ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` and
@@ -178,6 +178,71 @@ def load_lora_adapter(
             param.requires_grad_(False)
 
 
+def lora_from_weight_difference(
+    trained: nn.Module, base: nn.Module, rank: int
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """A LoRA that turns `base` into `trained`, when the two differ only in the weights of their linear layers.
+
+    For each `nn.Linear` whose weight changed, ``delta = W_trained - W_base = U S V^T`` (SVD) gives
+    ``lora_B = U_r S_r^(1/2)`` and ``lora_A = S_r^(1/2) V_r^T`` with ``r = min(rank, min(delta.shape))``, zero-padded
+    to `rank` so that every module has the same rank; ``lora_alpha = rank`` makes peft's scale 1, so
+    ``lora_B @ lora_A = delta`` exactly when `rank` reaches the layer's smaller dimension and is its best rank-`rank`
+    approximation (Eckart-Young) below that. Unchanged layers get no LoRA.
+
+    Args:
+        trained: the fine-tuned module (e.g. a transformer trained with `full_finetune_params="linear"`).
+        base: the module it was fine-tuned from (same architecture).
+        rank: the LoRA rank.
+
+    Returns:
+        ``(state_dict, lora_config)``: peft-format tensors (``<module>.lora_A.weight`` / ``lora_B.weight``, what
+        `pipe.save_lora_weights(transformer_lora_layers=...)` takes) and the `LoraConfig` as a dict (its
+        `transformer_lora_adapter_metadata`).
+
+    Raises:
+        ValueError: if a parameter other than a linear weight differs (a bias, a norm, an embedding): a LoRA cannot
+            carry it.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1; got {rank}.")
+    base_params = dict(base.named_parameters())
+    linear_weights = {f"{name}.weight" for name, m in trained.named_modules() if isinstance(m, nn.Linear)}
+    for name, param in trained.named_parameters():
+        if name not in base_params or base_params[name].shape != param.shape:
+            raise ValueError(f"`trained` and `base` differ in architecture at {name!r}; pass the model it came from.")
+        if name not in linear_weights and not torch.equal(param.detach(), base_params[name].detach()):
+            raise ValueError(
+                f"{name!r} changed, and only the weights of linear layers can be exported as a LoRA. Fine-tune with "
+                "full_finetune_params='linear' to train just those."
+            )
+    state: dict[str, torch.Tensor] = {}
+    targets = []
+    with torch.no_grad():
+        for name, module in trained.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            delta = module.weight.double() - base_params[f"{name}.weight"].double()
+            if not delta.any():
+                continue
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            r = min(rank, len(s))
+            root = s[:r].sqrt()
+            lora_b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+            lora_a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+            lora_b[:, :r] = u[:, :r] * root
+            lora_a[:r] = root[:, None] * vh[:r]
+            dtype = module.weight.dtype
+            state[f"{name}.lora_A.weight"] = lora_a.to(dtype).contiguous()
+            state[f"{name}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+            targets.append(name)
+    if not targets:
+        raise ValueError("`trained` has the same linear weights as `base`: there is no LoRA to export.")
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False).to_dict()
+    return state, config
+
+
 def set_adapter_weights(transformer: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Overwrite adapter `adapter_name` with diffusers-format LoRA tensors (e.g. a merged cold start)."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -195,6 +260,7 @@ def set_adapter_weights(transformer: nn.Module, state: dict[str, torch.Tensor], 
 __all__ = [
     "LORA_WEIGHTS_NAME",
     "load_lora_adapter",
+    "lora_from_weight_difference",
     "merge_lora_adapters",
     "read_lora",
     "set_adapter_weights",

@@ -1,5 +1,6 @@
 """flow_trl.lora: merging diffusers-format LoRAs factor by factor, and loading one as a named adapter."""
 
+import copy
 import json
 
 import pytest
@@ -7,7 +8,13 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from flow_trl.lora import LORA_METADATA_KEY, load_lora_adapter, merge_lora_adapters, read_lora
+from flow_trl.lora import (
+    LORA_METADATA_KEY,
+    load_lora_adapter,
+    lora_from_weight_difference,
+    merge_lora_adapters,
+    read_lora,
+)
 from flow_trl.toy import load_shapes_pipeline
 
 
@@ -119,3 +126,39 @@ def test_named_adapter_errors_on_other_rank_targets_or_alpha(saved_lora):
         pipe.transformer.add_adapter(student)
         with pytest.raises(ValueError, match=message):
             load_lora_adapter(pipe.transformer, folder, "teacher")
+
+
+def _two_layer_models():
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 8))
+    trained = copy.deepcopy(base)
+    with torch.no_grad():
+        trained[0].weight.add_(torch.randn(4, 6))  # a full-rank change (rank 4)
+    return base, trained
+
+
+def test_weight_difference_lora_is_exact_at_full_rank_and_the_best_approximation_below():
+    base, trained = _two_layer_models()
+    delta = trained[0].weight - base[0].weight
+    state, config = lora_from_weight_difference(trained, base, rank=5)  # above the layer's rank: zero-padded
+    assert set(state) == {"0.lora_A.weight", "0.lora_B.weight"}  # the unchanged layer gets no LoRA
+    assert state["0.lora_A.weight"].shape == (5, 6) and state["0.lora_B.weight"].shape == (4, 5)
+    assert config["r"] == config["lora_alpha"] == 5 and set(config["target_modules"]) == {"0"}
+    torch.testing.assert_close(state["0.lora_B.weight"] @ state["0.lora_A.weight"], delta, atol=1e-5, rtol=0)
+
+    state, _ = lora_from_weight_difference(trained, base, rank=2)
+    u, s, vh = torch.linalg.svd(delta.double())
+    best = (u[:, :2] * s[:2]) @ vh[:2]  # Eckart-Young: the closest rank-2 matrix
+    torch.testing.assert_close(state["0.lora_B.weight"] @ state["0.lora_A.weight"], best.float(), atol=1e-5, rtol=0)
+
+
+def test_weight_difference_lora_refuses_what_a_lora_cannot_carry():
+    base, trained = _two_layer_models()
+    with torch.no_grad():
+        trained[1].weight.add_(1.0)
+    with pytest.raises(ValueError, match="only the weights of linear layers"):
+        lora_from_weight_difference(trained, base, rank=4)
+    with pytest.raises(ValueError, match="no LoRA to export"):
+        lora_from_weight_difference(base, copy.deepcopy(base), rank=4)
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        lora_from_weight_difference(trained, base, rank=0)

@@ -166,6 +166,42 @@ def test_full_fine_tuning_trains_every_transformer_weight(tmp_path):
     assert (tmp_path / "full" / "transformer" / "config.json").is_file()
 
 
+def test_linear_full_fine_tuning_trains_only_linear_weights_and_exports_an_exact_lora(tmp_path):
+    args = tiny_config(tmp_path, max_steps=1, learning_rate=1e-3, full_finetune_params="linear", lora_export_rank=128)
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts())
+    linear = {f"{n}.weight" for n, m in trainer.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n for n, p in trainer.transformer.named_parameters() if p.requires_grad} == linear
+    before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.transformer.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and changed <= linear  # biases, norms and the patch embedding stay the base model's
+    assert len(changed) > 0.8 * len(linear)
+    trainer.save_model(str(tmp_path / "full"))
+    assert (tmp_path / "full" / "transformer" / "config.json").is_file()
+
+    kwargs = dict(num_inference_steps=4, guidance_scale=1.0, max_sequence_length=16, output_type="pt")
+    expected = trainer.pipe("a photo of a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    fresh = load_shapes_pipeline()
+    base = fresh("a photo of a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    fresh.load_lora_weights(str(tmp_path / "full"))
+    loaded = fresh("a photo of a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (loaded - base).abs().max() > 1e-3  # the exported LoRA changes the output ...
+    torch.testing.assert_close(loaded, expected, atol=1e-4, rtol=0)  # ... as the fine-tuned transformer does
+    card = (tmp_path / "out" / "README.md")
+    trainer.create_model_card()
+    assert "load_lora_weights" in card.read_text()
+
+
+def test_full_fine_tuning_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="full_finetune_params must be one of"):
+        tiny_config(tmp_path, full_finetune_params="attention")
+    with pytest.raises(ValueError, match="full_finetune_params='linear'"):
+        tiny_config(tmp_path, lora_export_rank=8)
+    with pytest.raises(ValueError, match="apply to full fine-tuning"):
+        FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, full_finetune_params="linear"), reward_funcs="shapes",
+                       train_dataset=prompts(), peft_config=lora())
+
+
 def test_evaluate_scores_held_out_prompts_with_fixed_seeds(tmp_path):
     args = tiny_config(tmp_path, num_images_to_log=4, per_device_eval_batch_size=4)
     trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(),

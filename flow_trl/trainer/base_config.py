@@ -18,6 +18,7 @@ logger = logging.get_logger(__name__)
 
 
 SCALE_REWARDS = ("group", "batch", "none")
+FULL_FINETUNE_PARAMS = ("all", "linear")
 
 
 @dataclass
@@ -35,6 +36,16 @@ class FlowRLConfig(TrainingArguments):
     decode_batch_size (`int`, *optional*, defaults to `16`):
         Latents the VAE decodes per call (rollouts, evaluation, samples). Results do not depend on it; smaller
         batches need less memory, and on CPU 16 decodes about twice as fast as 64 at once. `None`: the whole batch.
+    full_finetune_params (`str`, defaults to `"all"`):
+        Full fine-tuning only (no `peft_config`): `"all"` trains every parameter of the transformer, `"linear"` only
+        the weights of its linear layers (biases, norms and the patch embedding stay frozen), which is what a LoRA
+        can carry, so that `lora_export_rank` can publish the result as one.
+    lora_export_rank (`int`, *optional*):
+        Full fine-tuning with `full_finetune_params="linear"` only: `save_model` (and every checkpoint) also writes the
+        trained transformer's difference from the base model as a diffusers-format LoRA of this rank
+        (`pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights` reads; `flow_trl.lora.
+        lora_from_weight_difference`). Exact when the rank reaches every linear layer's smaller dimension (128 for
+        the shapes model), the best approximation of that rank below it.
 
     > Parameters that control generation (rollouts)
 
@@ -137,6 +148,16 @@ class FlowRLConfig(TrainingArguments):
     )
     decode_batch_size: int | None = field(
         default=16, metadata={"help": "Latents the VAE decodes per call (None: the whole batch at once)."}
+    )
+    full_finetune_params: str = field(
+        default="all",
+        metadata={"help": "Full fine-tuning only: 'all' trains every transformer parameter, 'linear' only the "
+                  "weights of its linear layers (what a LoRA can carry, see lora_export_rank)."},
+    )
+    lora_export_rank: int | None = field(
+        default=None,
+        metadata={"help": "Full fine-tuning with full_finetune_params='linear': also save the change of the linear "
+                  "weights as a diffusers-format LoRA of this rank (exact at each layer's smaller dimension)."},
     )
 
     # generation
@@ -252,6 +273,19 @@ class FlowRLConfig(TrainingArguments):
             raise ValueError(f"advantage_clip must be positive or None; got {self.advantage_clip}.")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}.")
+        if self.full_finetune_params not in FULL_FINETUNE_PARAMS:
+            raise ValueError(
+                f"full_finetune_params must be one of {FULL_FINETUNE_PARAMS}; got {self.full_finetune_params!r}."
+            )
+        if self.lora_export_rank is not None:
+            if self.lora_export_rank < 1:
+                raise ValueError(f"lora_export_rank must be at least 1 (or None); got {self.lora_export_rank}.")
+            if self.full_finetune_params != "linear":
+                raise ValueError(
+                    "lora_export_rank exports the change of the linear weights; with full_finetune_params="
+                    f"{self.full_finetune_params!r} biases and norms change too and a LoRA cannot carry them. Set "
+                    "full_finetune_params='linear'."
+                )
         if not 0 <= self.weight_ema_decay < 1:
             raise ValueError(f"weight_ema_decay must be in [0, 1) (0: no EMA); got {self.weight_ema_decay}.")
         if self.weight_ema_update_interval < 1:

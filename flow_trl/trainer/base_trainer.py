@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
 from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats, slas_advantages
-from ..lora import with_default_targets
+from ..lora import lora_from_weight_difference, with_default_targets
 from ..models import get_adapter, index_conditioning, load_pipeline
 from ..regularizers import velocity_kl, velocity_norm_ratio
 from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
@@ -179,6 +179,11 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         self.is_lora = peft_config is not None
         self._policy_models: dict[str, nn.Module] = {}
         if self.is_lora:
+            if args.full_finetune_params != "all" or args.lora_export_rank is not None:
+                raise ValueError(
+                    "full_finetune_params and lora_export_rank apply to full fine-tuning; with a peft_config the "
+                    "LoRA itself is trained and saved. Drop peft_config, or leave both at their defaults."
+                )
             peft_config = with_default_targets(  # e.g. SD3's attention projections
                 peft_config, self.adapter.default_lora_target_modules, self.adapter.unused_lora_modules()
             )
@@ -192,7 +197,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             for name in self._policy_adapters:
                 self._copy_adapter("default", name)
         else:
-            transformer.requires_grad_(True)
+            _set_full_finetune_params(transformer, args.full_finetune_params)
             for name in (*self._policy_adapters, "ref"):
                 self._policy_models[name] = copy.deepcopy(transformer).requires_grad_(False).eval()
         # diffusers' API, not transformers' activation_checkpointing_enable (`gradient_checkpointing` is the alias
@@ -681,6 +686,13 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             )
         else:
             self.transformer.save_pretrained(os.path.join(output_dir, "transformer"))
+            if self.args.lora_export_rank is not None:
+                lora, metadata = lora_from_weight_difference(
+                    self.transformer, self._policy_models["ref"], self.args.lora_export_rank
+                )
+                type(self.pipe).save_lora_weights(
+                    output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
+                )
         torch.save(_without_tokens(self.args), os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -760,6 +772,18 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
                     for a in self._policy_adapters:
                         for n, p in self._policy_models[a].named_parameters():
                             p.copy_(saved[f"{a}.{n}"])
+
+
+def _set_full_finetune_params(transformer: nn.Module, which: str) -> None:
+    """Make the parameters `full_finetune_params` names trainable: every one (`"all"`) or the weights of the linear
+    layers only (`"linear"`, what `lora_from_weight_difference` can export)."""
+    if which == "all":
+        transformer.requires_grad_(True)
+        return
+    transformer.requires_grad_(False)
+    for module in transformer.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.requires_grad_(True)
 
 
 def format_training_summary(summary: dict[str, Any]) -> str:

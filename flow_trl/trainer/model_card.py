@@ -62,7 +62,7 @@ class ModelCardMixin:
             algorithm=self._name,
             trainer_class=type(self).__name__,
             pipeline_class=type(self.pipe).__name__,
-            is_lora=self.is_lora,
+            is_lora=self.is_lora or self.args.lora_export_rank is not None,
             rewards=list(zip(self.reward_func_names, weights)),
             hyperparameters=card_hyperparameters(self.args),
             paper=self._paper,
