@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .grpo import SHAPES_GRPO_DEFAULTS
-from .nft import SHAPES_NFT_DEFAULTS
+from .nft import SHAPES_NFT_LORA_RECIPE
 from .utils import FlowTrlParser, ScriptArguments, TrainerScript, build_peft_config, run_training
 
 
@@ -74,7 +74,7 @@ def train_shapes_teacher(
 
     shared = {name: getattr(student_args, name) for name in TEACHER_SHARED_FIELDS}
     config_fields = {f.name for f in fields(FlowNFTConfig)}
-    recipe = {key: value for key, value in SHAPES_NFT_DEFAULTS.items() if key in config_fields}  # not script flags
+    recipe = {key: value for key, value in SHAPES_NFT_LORA_RECIPE.items() if key in config_fields}  # not script flags
     args = FlowNFTConfig(**{**recipe, **shared, "output_dir": str(output_dir), "max_steps": max_steps})
     trainer = FlowNFTTrainer(
         model=str(SHAPES_PIPELINE_DIR),
