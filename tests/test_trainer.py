@@ -111,20 +111,27 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("mode", ["lora", "full_linear"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, mode):
+    options = dict(full_finetune_params="linear", lora_export_rank=128, learning_rate=1e-3) if mode != "lora" else {}
+
     def run(out, stop_at=None, resume=None):
-        args = tiny_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2)
+        args = tiny_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2, **options)
         trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(),
-                                 peft_config=lora(), callbacks=[StopAt(stop_at)] if stop_at else None)
+                                 peft_config=None if options else lora(),
+                                 callbacks=[StopAt(stop_at)] if stop_at else None)
         trainer.train(resume_from_checkpoint=resume)
-        return {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if "lora_" in n}
+        if not options:
+            return {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if "lora_" in n}
+        policies = {"default": trainer.transformer, "old": trainer._policy_models["old"]}
+        return {f"{k}.{n}": p.detach().clone() for k, m in policies.items() for n, p in m.named_parameters()}
 
     full = run(tmp_path / "full")
     interrupted = run(tmp_path / "part", stop_at=2)
     resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-2"))
     assert full.keys() == resumed.keys()
     assert any(not torch.equal(interrupted[n], full[n]) for n in full)  # steps 3-4 did change the weights
-    for name in full:  # the trained adapter and NFT's old policy alike
+    for name in full:  # the trained weights and NFT's old policy alike
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
 
 
