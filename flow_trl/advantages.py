@@ -2,8 +2,9 @@
 
 Groups are contiguous blocks of `num_generations` rewards (the prompt sampler keeps each prompt's generations
 together); pass the rewards gathered over all processes so that no group is split. Standard deviations are
-population stds (``unbiased=False``), as flow_grpo computes them with numpy. NaN rewards (a reward function that
-abstains; also +-inf) are left out of every mean and std.
+population stds (``unbiased=False``) plus 1e-4 by default, as flow_grpo (numpy) and TRL compute them; `ADVANTAGE_STDS`
+also names DanceGRPO's convention (torch's unbiased std plus 1e-8). NaN rewards (a reward function that abstains;
+also +-inf) are left out of every mean and std.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from torch import Tensor
 
 
 SCALES = ("group", "batch", "none")
+# std conventions of the group advantage, as `group_advantages` keyword arguments: "population" (1/N, + 1e-4:
+# flow_grpo, TRL, every flow_trl trainer) and "unbiased" (1/(N - 1), + 1e-8: DanceGRPO's code)
+ADVANTAGE_STDS: dict[str, dict[str, bool | float]] = {
+    "population": {"unbiased": False, "eps": 1e-4},
+    "unbiased": {"unbiased": True, "eps": 1e-8},
+}
 
 
 def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
@@ -29,26 +36,30 @@ def _grouped(rewards: Tensor, num_generations: int) -> Tensor:
     return rewards.float().view(-1, num_generations)
 
 
-def _nan_mean_std(values: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, population std and count of the finite values over `dim` (all elements when None); NaN if none."""
+def _nan_mean_std(values: Tensor, dim: int | None = None, unbiased: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, std and count of the finite values over `dim` (all elements when None); NaN if none (and, unbiased, if
+    only one). The std is the population one, or with `unbiased` Bessel's ``1 / (count - 1)``."""
     finite = torch.isfinite(values)
     zeroed = torch.where(finite, values, torch.zeros_like(values))
     dims = dim if dim is not None else tuple(range(values.ndim))
     count = finite.sum(dim=dims, keepdim=True)
     mean = zeroed.sum(dim=dims, keepdim=True) / count
     var = (torch.where(finite, values - mean, torch.zeros_like(values)) ** 2).sum(dim=dims, keepdim=True)
-    return mean, (var / count).sqrt(), count
+    return mean, (var / (count - int(unbiased))).sqrt(), count
 
 
-def group_advantages(rewards: Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4,
+                     unbiased: bool = False) -> Tensor:
     """Group-relative advantages ``(r - group mean) / (std + eps)``.
 
     Args:
         rewards (`Tensor`): `[N]` rewards; N must be a multiple of `num_generations`, groups are contiguous blocks.
         num_generations (`int`): group size G.
         scale (`str`, defaults to `"group"`): the std: the group's own (`"group"`), the std of all N rewards
-            (`"batch"`, flow_grpo's `global_std=True`), or no division (`"none"`). Population stds.
+            (`"batch"`, flow_grpo's `global_std=True`), or no division (`"none"`).
         eps (`float`, defaults to `1e-4`): added to the std (flow_grpo's value; DanceGRPO uses 1e-8).
+        unbiased (`bool`, defaults to `False`): Bessel-corrected std (``1 / (N - 1)``, torch's default, DanceGRPO)
+            instead of the population std (``1 / N``, flow_grpo's numpy). See `ADVANTAGE_STDS`.
 
     Returns:
         `Tensor`: `[N]` fp32 advantages. Samples with a NaN reward, and every sample of a group with fewer than
@@ -57,12 +68,12 @@ def group_advantages(rewards: Tensor, num_generations: int, scale: str = "group"
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}; got {scale!r}.")
     grouped = _grouped(rewards, num_generations)
-    mean, group_std, count = _nan_mean_std(grouped, dim=1)
+    mean, group_std, count = _nan_mean_std(grouped, dim=1, unbiased=unbiased)
     centred = grouped - mean
     if scale == "group":
         advantages = centred / (group_std + eps)
     elif scale == "batch":
-        advantages = centred / (_nan_mean_std(grouped)[1] + eps)
+        advantages = centred / (_nan_mean_std(grouped, unbiased=unbiased)[1] + eps)
     else:
         advantages = centred
     valid = torch.isfinite(grouped) & (count >= 2)

@@ -9,91 +9,87 @@
     flow-trl evaluate                       # score the shipped shapes pipeline on held-out prompts
     flow-trl evaluate --lora my-run/        # ... with a diffusers-format LoRA loaded on top
     flow-trl diagnose --lora my-run/        # NormGuard diagnostics: norm profile, renormalisation, S(t)
+    flow-trl env                            # versions and device, for bug reports
+
+This module imports nothing heavy: each command's module (and torch) is imported only when that command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
+import importlib
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from . import __version__
 
 
-# command -> module with a `cli(argv)` function
-TRAINING_COMMANDS = {
-    name: f"flow_trl.scripts.{name}" for name in ("nft", "awm", "dpo", "grpo", "drm", "step_grpo", "opd")
+# command -> (module with a `cli(argv, prog)` function, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "nft": ("flow_trl.scripts.nft", "Train with Diffusion-NFT."),
+    "awm": ("flow_trl.scripts.awm", "Train with Advantage Weighted Matching."),
+    "dpo": ("flow_trl.scripts.dpo", "Train with Diffusion-DPO (online, or offline on preference pairs)."),
+    "dance_grpo": ("flow_trl.scripts.grpo", "Train with GRPO on SDE rollouts (DanceGRPO, Flow-GRPO, SLAS)."),
+    "grpo": ("flow_trl.scripts.grpo", "Alias of dance_grpo."),
+    "drm": ("flow_trl.scripts.drm", "Train a diffusion-based reward model (DRM) on preference pairs."),
+    "step_grpo": ("flow_trl.scripts.step_grpo", "Train with Step-wise GRPO (per-step advantages from a DRM)."),
+    "opd": ("flow_trl.scripts.opd", "Distil task teachers into one student with Flow-OPD."),
+    "evaluate": ("flow_trl.scripts.evaluate", "Score a shapes-world pipeline on held-out prompts (GenEval-style)."),
+    "diagnose": ("flow_trl.scripts.diagnose", "NormGuard diagnostics: norm profiles, renormalisation, S(t)."),
+    "env": ("flow_trl.scripts.env", "Print the platform, library versions and device (paste it into bug reports)."),
 }
-TRAINING_COMMANDS["dance_grpo"] = TRAINING_COMMANDS["grpo"]
+# the training commands (their flags are the fields of a trainer's config dataclass): command -> module
+TRAINING_COMMANDS = {
+    name: module for name, (module, _) in COMMANDS.items() if name not in ("evaluate", "diagnose", "env")
+}
 
 
-def _print_table(metrics: dict[str, float]) -> None:
-    from .toy.world import TAGS
-
-    print(f"{'family':<15}{'score':>8}{'strict':>8}")
-    for tag in TAGS:
-        print(f"{tag:<15}{metrics[f'score/{tag}']:>8.3f}{metrics[f'strict/{tag}']:>8.3f}")
-    print(f"{'overall':<15}{metrics['score']:>8.3f}{metrics['strict']:>8.3f}   quality {metrics['quality']:.3f}")
+class UsageError(ValueError):
+    """A mistake in the command line or its config file: reported as one line on stderr, exit status 2."""
 
 
-def evaluate_command(args: argparse.Namespace) -> dict[str, float]:
-    """Load a shapes pipeline (optionally with a LoRA), evaluate it, write ``metrics.json`` and ``grid.png``."""
-    import torch
+F = TypeVar("F", bound=Callable[..., Any])
 
-    from .toy import evaluate_pipeline, load_shapes_pipeline
 
-    torch.manual_seed(args.seed)
-    pipe = load_shapes_pipeline(args.model)
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_pipeline(
-        pipe,
-        num_per_family=args.num_per_family,
-        seed=args.seed,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        grid_path=output_dir / "grid.png",
-    )
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _print_table(metrics)
-    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'grid.png'}")
-    return metrics
+def exit_on_usage_error(fn: F) -> F:
+    """Run `fn`; a [`UsageError`] becomes ``flow-trl: error: <message>`` on stderr and exit status 2 (no traceback).
+
+    Other exceptions are programming errors and keep their traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as err:
+            print(f"flow-trl: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .toy.evaluation import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
-
-    parser = argparse.ArgumentParser(prog="flow-trl", description="RL post-training for flow-matching image models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in TRAINING_COMMANDS:
-        sub.add_parser(name, help=f"Train with {name.upper()} (`flow-trl {name} --help` lists its flags).")
-    ev = sub.add_parser("evaluate", help="Score a shapes-world pipeline on held-out prompts (GenEval-style).")
-    ev.add_argument("--model", default=None, help="Pipeline directory; defaults to the shipped shapes pipeline.")
-    ev.add_argument("--lora", default=None, help="Directory or file of diffusers-format LoRA weights to load.")
-    ev.add_argument("--num_per_family", type=int, default=48, help="Held-out samples per GenEval family.")
-    ev.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="ODE steps.")
-    ev.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="CFG scale.")
-    ev.add_argument("--seed", type=int, default=0, help="First sampling seed.")
-    ev.add_argument("--output_dir", default="shapes-eval", help="Where metrics.json and grid.png go.")
-    ev.set_defaults(func=evaluate_command)
-    diag = sub.add_parser("diagnose", help="NormGuard diagnostics: norm profiles, renormalisation, S(t).")
-    from .scripts import diagnose
-
-    diagnose.add_arguments(diag)
-    diag.set_defaults(func=diagnose.run)
+    """The top-level parser: lists the commands; each command parses its own flags (`flow-trl <command> --help`)."""
+    parser = argparse.ArgumentParser(
+        prog="flow-trl",
+        description="RL post-training for flow-matching image models.",
+        epilog="`flow-trl <command> --help` lists a command's flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
-    if argv and argv[0] in TRAINING_COMMANDS:  # training scripts own their (dataclass) flags
-        import importlib
-
-        importlib.import_module(TRAINING_COMMANDS[argv[0]]).cli(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        importlib.import_module(COMMANDS[argv[0]][0]).cli(argv[1:], prog=f"flow-trl {argv[0]}")
         return 0
-    args = make_parser().parse_args(argv)
-    args.func(args)
+    make_parser().parse_args(argv)  # no command first: prints the help or the version, or the error (exit 2)
     return 0
 
 

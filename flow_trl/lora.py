@@ -47,6 +47,21 @@ def with_default_targets(
     return peft_config
 
 
+def lora_adapter_metadata(peft_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
+    """The peft config of a LoRA file (`transformer_lora_adapter_metadata`), targeting exactly its modules.
+
+    `load_lora_weights` rebuilds the `LoraConfig` from this metadata, and peft warns about every module the config
+    targets that has no weights in the file. So the targets are the concrete names of the modules in `state_dict`
+    (peft-format keys, ``<module>.lora_A.weight``), not the patterns the adapter was created with, which can match
+    modules an ``exclude_modules`` list left out. The file also carries ``lora_alpha``: without it diffusers assumes
+    ``alpha = r`` and rescales the LoRA.
+    """
+    metadata = peft_config.to_dict()
+    metadata["target_modules"] = sorted({key.rsplit(".lora_", 1)[0] for key in state_dict})
+    metadata.pop("exclude_modules", None)
+    return metadata
+
+
 def lora_file(path: str | os.PathLike) -> Path:
     """The weights file of a LoRA given as a file, a folder holding `pytorch_lora_weights.safetensors`, or a Hub id."""
     path = Path(path)
@@ -196,8 +211,8 @@ def lora_from_weight_difference(
 
     Returns:
         ``(state_dict, lora_config)``: peft-format tensors (``<module>.lora_A.weight`` / ``lora_B.weight``, what
-        `pipe.save_lora_weights(transformer_lora_layers=...)` takes) and the `LoraConfig` as a dict (its
-        `transformer_lora_adapter_metadata`).
+        `pipe.save_lora_weights(transformer_lora_layers=...)` takes) and its `transformer_lora_adapter_metadata`
+        (`lora_adapter_metadata`).
 
     Raises:
         ValueError: if a parameter other than a linear weight differs (a bias, a norm, an embedding): a LoRA cannot
@@ -216,7 +231,6 @@ def lora_from_weight_difference(
                 "full_finetune_params='linear' to train just those."
             )
     state: dict[str, torch.Tensor] = {}
-    targets = []
     with torch.no_grad():
         for name, module in trained.named_modules():
             if not isinstance(module, nn.Linear):
@@ -234,13 +248,11 @@ def lora_from_weight_difference(
             dtype = module.weight.dtype
             state[f"{name}.lora_A.weight"] = lora_a.to(dtype).contiguous()
             state[f"{name}.lora_B.weight"] = lora_b.to(dtype).contiguous()
-            targets.append(name)
-    if not targets:
+    if not state:
         raise ValueError("`trained` has the same linear weights as `base`: there is no LoRA to export.")
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False).to_dict()
-    return state, config
+    return state, lora_adapter_metadata(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False), state)
 
 
 def set_adapter_weights(transformer: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
@@ -260,6 +272,7 @@ def set_adapter_weights(transformer: nn.Module, state: dict[str, torch.Tensor], 
 __all__ = [
     "LORA_WEIGHTS_NAME",
     "load_lora_adapter",
+    "lora_adapter_metadata",
     "lora_from_weight_difference",
     "merge_lora_adapters",
     "read_lora",

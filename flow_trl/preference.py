@@ -1,8 +1,10 @@
 """Preference datasets (TRL's convention: `prompt`, `chosen`, `rejected`) for offline Diffusion-DPO.
 
-`chosen` and `rejected` hold images: PIL images (a `datasets.Image` column), image file paths, or arrays
-(``[H, W, 3]`` uint8 or floats in [0, 1], or ``[3, H, W]`` tensors in [0, 1]). They are resized to the training
-resolution and encoded once through the VAE (`encode_preference_dataset`); training then reads the latents.
+`chosen` and `rejected` hold images: PIL images (a `datasets.Image` column), image file paths, or arrays and tensors
+``[H, W, 3]`` or ``[3, H, W]``: integers are 0-255, floats must lie in [0, 1]. A float array outside [0, 1] is refused
+rather than guessed at: 0-255 floats and [-1, 1] floats both occur, and a [0, 1] image that slightly overshoots 1
+would be ruined by a division by 255. They are resized to the training resolution and encoded once through the VAE
+(`encode_preference_dataset`); training then reads the latents.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 IMAGE_COLUMNS = ("chosen", "rejected")
@@ -60,12 +66,31 @@ def load_image(value: Any, resolution: int) -> torch.Tensor:
             array = array.permute(2, 0, 1)
         if array.ndim != 3 or array.shape[0] != 3:
             raise ValueError(f"an image array must be [H, W, 3] or [3, H, W]; got shape {tuple(array.shape)}")
-        array = array.float() / 255.0 if array.dtype == torch.uint8 else array.float()
+        array = _unit_range(array)
         if array.shape[1:] != (resolution, resolution):
             array = torch.nn.functional.interpolate(array[None], size=(resolution, resolution), mode="bicubic",
                                                     align_corners=False)[0]
         return array.clamp(0, 1)
     raise ValueError(f"unsupported image value of type {type(value).__name__}")
+
+
+def _unit_range(array: torch.Tensor) -> torch.Tensor:
+    """An image array as fp32 in [0, 1]: integers are read as 0-255, floats must already lie in [0, 1]."""
+    if array.dtype == torch.bool or array.is_complex():
+        raise ValueError(f"an image array must hold integers (0-255) or floats (0-1); got dtype {array.dtype}")
+    low, high = array.min().item(), array.max().item()
+    if not array.is_floating_point():
+        if low < 0 or high > 255:
+            raise ValueError(f"an integer image must have values in 0-255; this one spans [{low}, {high}]")
+        return array.float() / 255.0
+    if not torch.isfinite(array).all():
+        raise ValueError("a float image has NaN or infinite values")
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"a float image must have values in [0, 1]; this one spans [{low:.4g}, {high:.4g}]. For 0-255 floats "
+            "pass `array / 255` (or uint8), for [-1, 1] images `(array + 1) / 2`"
+        )
+    return array.float()
 
 
 def encode_preference_dataset(dataset, encode: Callable[[torch.Tensor], torch.Tensor], resolution: int,
@@ -87,26 +112,36 @@ def encode_preference_dataset(dataset, encode: Callable[[torch.Tensor], torch.Te
     if set(LATENT_COLUMNS) <= set(dataset.column_names):
         return dataset
 
+    identical_rows: list[int] = []  # pairs whose two images are equal, reported once after encoding
+
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, Any]:
-        out = {}
-        for column, latent_column in zip(IMAGE_COLUMNS, LATENT_COLUMNS):
-            images = []
+        images = {}
+        for column in IMAGE_COLUMNS:
+            images[column] = []
             for index, value in zip(indices, batch[column]):
                 try:
-                    images.append(load_image(value, resolution))
+                    images[column].append(load_image(value, resolution))
                 except Exception as err:
                     raise ValueError(
                         f"Row {index} of the preference dataset: cannot read its '{column}' image ({err}). Expected "
-                        "PIL images, image file paths, or [H, W, 3] / [3, H, W] arrays."
+                        "PIL images, image file paths, or [H, W, 3] / [3, H, W] arrays (integers 0-255, floats 0-1)."
                     ) from None
-            out[latent_column] = encode(torch.stack(images)).cpu().numpy()
-        return out
+        identical_rows.extend(i for i, c, r in zip(indices, *images.values()) if torch.equal(c, r))
+        return {latent: encode(torch.stack(images[column])).cpu().numpy()
+                for column, latent in zip(IMAGE_COLUMNS, LATENT_COLUMNS)}
 
     key = f"{dataset._fingerprint}|flow_trl-latents|{model_key}|{resolution}"
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
     encoded = dataset.map(encode_batch, batched=True, batch_size=batch_size, with_indices=True,
                           remove_columns=list(IMAGE_COLUMNS), new_fingerprint=fingerprint,
                           desc="Encoding preference images")
+    if identical_rows:
+        logger.warning(
+            f"{len(identical_rows)} of the {len(dataset)} preference pairs have identical 'chosen' and 'rejected' "
+            f"images (rows {identical_rows[:5]}{', ...' if len(identical_rows) > 5 else ''}): such a pair carries no "
+            "preference, its DPO loss is log 2 with zero gradient, and it only dilutes the batch. Check how the pairs "
+            "were built."
+        )
     encoded.set_format("torch", columns=list(LATENT_COLUMNS), output_all_columns=True)
     return encoded
 

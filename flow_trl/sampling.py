@@ -28,6 +28,48 @@ from torch import Tensor
 STEP_TYPES = ("ode", "flow_sde", "dance_sde", "cps")
 
 
+@dataclass(frozen=True)
+class NoiseLevelRange:
+    """The noise levels eta for which a stochastic step type is a proper Gaussian policy, each eta a distinct one:
+    ``0 < eta <= high`` (eta = 0 is the deterministic ODE step for every type: zero std, no log-prob)."""
+
+    high: float
+    reason: str
+
+    def __str__(self) -> str:
+        return f"0 < eta <= {self.high:g}" if math.isfinite(self.high) else "0 < eta < inf"
+
+
+_SCALES_THE_STD = "eta scales the step's std; 0 gives zero std (sde_type='ode' is the deterministic step)."
+# Valid noise levels of each stochastic step type (the formulas are in `step`); "ode" ignores the noise level.
+NOISE_LEVEL_RANGES: dict[str, NoiseLevelRange] = {
+    # std = eta sqrt(sigma / (1 - sigma)) sqrt(-dt): any positive eta is an SDE with the ODE's marginals (a large eta
+    # discretises coarsely; Flow-GRPO uses 0.7)
+    "flow_sde": NoiseLevelRange(math.inf, _SCALES_THE_STD),
+    # std = eta sqrt(sigma - sigma_next), the drift corrected by eta^2 / 2 times the score: any positive eta
+    "dance_sde": NoiseLevelRange(math.inf, _SCALES_THE_STD),
+    # std = sigma_next sin(eta pi / 2), kept signal sqrt(sigma_next^2 - std^2) = sigma_next |cos(eta pi / 2)|
+    "cps": NoiseLevelRange(
+        1.0,
+        "The CPS std is sigma_next sin(eta pi / 2): 1 is pure noise; eta in (1, 2) repeats 2 - eta (1.5 acts as "
+        "0.5), 2 gives zero std and values above 2 a negative one.",
+    ),
+}
+
+
+def check_noise_level(step_type: str, noise_level: float) -> None:
+    """Raise a `ValueError` naming the valid range unless `noise_level` is meaningful for `step_type` (any value
+    passes for `"ode"`, which ignores it)."""
+    valid = NOISE_LEVEL_RANGES.get(step_type)
+    if valid is None or (math.isfinite(noise_level) and 0 < noise_level <= valid.high):
+        return
+    bound = f"positive and at most {valid.high:g}" if math.isfinite(valid.high) else "positive and finite"
+    raise ValueError(
+        f"noise_level (eta) must be {bound} for the {step_type!r} step (valid: {valid}); got {noise_level}. "
+        f"{valid.reason}"
+    )
+
+
 @dataclass
 class StepOutput:
     """Result of one sampling step.

@@ -110,6 +110,21 @@ class FlowModelAdapter:
         """Shape of one sample's latents for an image of ``height x width`` pixels."""
         raise NotImplementedError
 
+    def check_image_size(self, height: int, width: int, multiple: int, reason: str) -> None:
+        """Raise a `ValueError` naming the valid sizes unless `height` and `width` are positive multiples of
+        `multiple` (`reason` says where it comes from, e.g. ``"VAE downsampling 8 x patch size 2"``)."""
+        bad = [size for size in (height, width) if size <= 0 or size % multiple]
+        if not bad:
+            return
+        nearest = ""
+        if bad[0] > 0:
+            below = max(bad[0] // multiple, 1) * multiple
+            nearest = f"the nearest valid sizes to {bad[0]} are {below} or {below + multiple}; "
+        raise ValueError(
+            f"Image height and width must be positive multiples of {multiple} for {type(self.pipe).__name__} "
+            f"({reason}); got {height}x{width}: {nearest}the pipeline's default is {self.default_resolution}."
+        )
+
     def decode_batch(self, latents: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
         """`decode` on one VAE batch (the family's implementation)."""
         raise NotImplementedError

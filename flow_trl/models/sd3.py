@@ -59,12 +59,8 @@ class SD3Adapter(FlowModelAdapter):
         )[0]
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        factor = self.pipe.vae_scale_factor * self.transformer.config.patch_size
-        if height % factor or width % factor:
-            raise ValueError(
-                f"Height and width must be multiples of {factor} for this pipeline; got {height}x{width}."
-            )
-        f = self.pipe.vae_scale_factor
+        f, patch = self.pipe.vae_scale_factor, self.transformer.config.patch_size
+        self.check_image_size(height, width, f * patch, f"VAE downsampling {f} x patch size {patch}")
         return (self.transformer.config.in_channels, height // f, width // f)
 
     @torch.no_grad()

@@ -7,7 +7,9 @@ A reward function is any callable
 called with keyword arguments: ``prompts``, ``images``, every other column of the prompt dataset (one list entry per
 image), and ``trainer_state``. Accept ``**kwargs`` to ignore what you do not use. A `None` (or NaN) entry abstains
 for that image: it is left out of that function's statistics and of the weighted sum (useful for multi-task
-rewards); an image on which every function abstains gets advantage 0. Infinite values are an error.
+rewards); an image on which every function abstains gets advantage 0. Anything else (None or a single number
+instead of a list, strings, a wrong length, infinite values or values so large that their mean or variance
+overflows float32) is an error naming the function.
 
 Built-in reward models (one module per family; each is a `RewardModel`: lazy loading, input checks, batching,
 no gradient, ``device``/``dtype``/``batch_size`` arguments) are registered by name in `BUILTIN_REWARDS`; an
@@ -18,9 +20,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .base import RewardModel
@@ -97,11 +102,117 @@ def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | 
 
 
 def reward_func_name(func: RewardFunc) -> str:
-    """A short name for logging: the function's name, or the class name of a callable object."""
+    """A short name for logging: the function's name (``"lambda"`` for a lambda), or the class name of a callable
+    object."""
     while isinstance(func, functools.partial):
         func = func.func
     name = getattr(func, "name", None) or getattr(func, "__name__", None) or type(func).__name__
-    return str(name)
+    return str(name).strip("<>")
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Make names distinct for metric keys: every occurrence of a repeated name gets a suffix ``_1``, ``_2``, ... in
+    order (skipping suffixed names already taken); names that occur once are kept. ``["a", "b", "a"] ->
+    ["a_1", "b", "a_2"]``."""
+    repeated = {name for name in names if names.count(name) > 1}
+    taken = set(names)
+    counters = dict.fromkeys(repeated, 0)
+    out = []
+    for name in names:
+        if name in repeated:
+            counters[name] += 1
+            while f"{name}_{counters[name]}" in taken:
+                counters[name] += 1
+            name = f"{name}_{counters[name]}"
+            taken.add(name)
+        out.append(name)
+    return out
+
+
+def reward_func_names(funcs: Sequence[RewardFunc]) -> list[str]:
+    """The distinct logging names of `funcs` (see `reward_func_name` and `unique_names`): two `partial`s of one
+    function, two lambdas or two `RemoteReward`s get their own ``rewards/<name>/...`` metrics."""
+    return unique_names([reward_func_name(func) for func in funcs])
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _type_error(name: str, got: str, num_images: int) -> TypeError:
+    return TypeError(
+        f"Reward function {name!r} returned {got}; it must return a list of floats (None or NaN to abstain on an "
+        f"image) or a 1-D tensor, with one value per image ({num_images} here)."
+    )
+
+
+def _as_float(value: Any, name: str, index: int, num_images: int) -> float:
+    """One entry of a returned list: None -> NaN, a real number or one-element tensor -> float, else a TypeError."""
+    if value is None:
+        return math.nan
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, (numbers.Real, np.bool_)):
+        return float(value)
+    raise _type_error(name, f"a list containing {value!r} (a {type(value).__name__}, at index {index})", num_images)
+
+
+def check_fp32_statistics(values: torch.Tensor, what: str, fix: str) -> None:
+    """Raise a `ValueError` if the mean or variance of the non-NaN ``values`` is not finite in float32 (the
+    advantages computed from them would be NaN or silently 0). ``what`` names the values, ``fix`` says what to do."""
+    finite = values[~torch.isnan(values)].float()
+    if not finite.numel():
+        return
+    mean = finite.mean()
+    if not (torch.isfinite(mean) and torch.isfinite(((finite - mean) ** 2).sum())):
+        raise ValueError(
+            f"{what} (largest magnitude {finite.abs().max().item():.3g}) are too large for float32: their mean or "
+            f"variance overflows (float32 ends at {_FP32_MAX:.3g}), so the advantages would be NaN or 0. {fix}"
+        )
+
+
+def reward_values(values: Any, name: str, num_images: int) -> torch.Tensor:
+    """Check what the reward function `name` returned for `num_images` images; returns fp32 ``[num_images]``, NaN
+    where it abstained.
+
+    Raises:
+        TypeError: unless `values` is a list (or tuple, array) of real numbers and `None`s, or a real-valued 1-D
+            tensor (``[B, 1]`` is accepted too).
+        ValueError: for a wrong number of values, infinite values, or values whose statistics overflow float32.
+    """
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+        values = torch.from_numpy(values)
+    elif isinstance(values, np.ndarray):
+        values = values.tolist()
+    if isinstance(values, torch.Tensor):
+        if values.is_complex():
+            raise _type_error(name, f"a tensor of dtype {values.dtype}", num_images)
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.ndim != 1:
+            raise _type_error(name, f"a tensor of shape {tuple(values.shape)}", num_images)
+        out = values.detach().to("cpu", torch.float64)
+    elif isinstance(values, (str, bytes, numbers.Number, Mapping)) or not isinstance(values, Iterable):  # None too
+        got = "None" if values is None else f"{values!r:.80} (a {type(values).__name__})"
+        raise _type_error(name, got, num_images)
+    else:
+        out = torch.tensor([_as_float(v, name, i, num_images) for i, v in enumerate(values)], dtype=torch.float64)
+    if len(out) != num_images:
+        raise ValueError(
+            f"Reward function {name!r} returned {len(out)} values for {num_images} images; it must return one value "
+            "(or None) per image."
+        )
+    too_large = out.abs() > _FP32_MAX  # +-inf too
+    if too_large.any():
+        value = out[too_large][0].item()
+        got = "an infinite value" if math.isinf(value) else f"{value:.3g}, beyond float32's range (+-{_FP32_MAX:.3g})"
+        raise ValueError(
+            f"Reward function {name!r} returned {got}: not a usable reward, it would make the advantages NaN. Return "
+            "None (or NaN) to abstain on an image instead, or rescale the reward."
+        )
+    out = out.float()
+    check_fp32_statistics(out, f"The values of reward function {name!r}", "Rescale the reward (e.g. divide it by a "
+                          "constant).")
+    return out
 
 
 def compute_rewards(
@@ -114,35 +225,48 @@ def compute_rewards(
     """Call every reward function; returns ``[B, num_funcs]`` fp32 on CPU, NaN where a function abstained.
 
     Raises:
-        ValueError: if a function returns the wrong number of values or an infinite value.
+        TypeError, ValueError: if a function returns something other than one finite value (or None) per image;
+            see `reward_values`.
     """
     columns = columns or {}
+    names = reward_func_names(reward_funcs)
     out = torch.empty(len(prompts), len(reward_funcs), dtype=torch.float32)
     for j, func in enumerate(reward_funcs):
-        values = func(prompts=prompts, images=images, **columns, **extra)
-        if isinstance(values, torch.Tensor):
-            values = values.detach().float().cpu().reshape(-1).tolist()
-        values = [float("nan") if v is None else float(v) for v in values]
-        if len(values) != len(prompts):
-            raise ValueError(
-                f"Reward function {reward_func_name(func)!r} returned {len(values)} values for {len(prompts)} "
-                "images; it must return one value (or None) per image."
-            )
-        if any(v in (float("inf"), float("-inf")) for v in values):
-            raise ValueError(
-                f"Reward function {reward_func_name(func)!r} returned an infinite value; return None (or NaN) to "
-                "abstain on an image instead."
-            )
-        out[:, j] = torch.tensor(values)
+        out[:, j] = reward_values(func(prompts=prompts, images=images, **columns, **extra), names[j], len(prompts))
     return out
 
 
+def check_reward_weights(weights: Sequence[float]) -> None:
+    """Raise a `ValueError` unless every weight is a finite number and at least one is non-zero."""
+    bad = [w for w in weights if not (isinstance(w, numbers.Real) and math.isfinite(w))]
+    if bad:
+        raise ValueError(
+            f"reward_weights must be finite numbers; got {list(weights)}. A NaN weight would turn every weighted "
+            "reward into NaN (an abstention) and an infinite one every reward into +-inf or NaN: nothing could be "
+            "learned. Give one finite weight per reward function (0 logs a function without training on it)."
+        )
+    if weights and all(w == 0 for w in weights):
+        raise ValueError(
+            f"reward_weights are all 0 ({list(weights)}): the weighted reward would be 0 for every image and nothing "
+            "could be learned. Give at least one reward function a non-zero weight."
+        )
+
+
 def weighted_reward(rewards: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Weighted sum over functions ignoring NaNs; NaN where every function abstained. ``[B, F] -> [B]``."""
+    """Weighted sum over functions ignoring NaNs; NaN where every function abstained. ``[B, F] -> [B]``.
+
+    Raises:
+        ValueError: for weights that `check_reward_weights` rejects, or weighted sums whose statistics overflow
+            float32.
+    """
+    if weights is not None:
+        check_reward_weights(weights)
     w = torch.ones(rewards.shape[1]) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
     finite = ~torch.isnan(rewards)
     total = (torch.nan_to_num(rewards) * w).sum(dim=1)
-    return torch.where(finite.any(dim=1), total, torch.full_like(total, float("nan")))
+    total = torch.where(finite.any(dim=1), total, torch.full_like(total, float("nan")))
+    check_fp32_statistics(total, "The weighted rewards", "Lower `reward_weights` or rescale the rewards.")
+    return total
 
 
 __all__ = [
@@ -158,8 +282,12 @@ __all__ = [
     "RemoteReward",
     "RewardFunc",
     "RewardModel",
+    "check_reward_weights",
     "compute_rewards",
     "resolve_reward_funcs",
     "reward_func_name",
+    "reward_func_names",
+    "reward_values",
+    "unique_names",
     "weighted_reward",
 ]

@@ -26,7 +26,7 @@ SHAPES_AWM_DEFAULTS: dict[str, Any] = {
 }
 
 
-SCRIPT = TrainerScript("FlowAWMTrainer", "FlowAWMConfig", SHAPES_AWM_DEFAULTS)
+SCRIPT = TrainerScript("awm", "FlowAWMTrainer", "FlowAWMConfig", SHAPES_AWM_DEFAULTS)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 

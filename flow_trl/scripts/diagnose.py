@@ -21,6 +21,21 @@ from typing import Any
 
 import torch
 
+from ..cli import UsageError, exit_on_usage_error
+from .utils import check_lora_paths, check_pipeline_dir, check_positive, quiet_loading, quiet_start
+
+
+def make_parser(prog: str = "flow-trl diagnose") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+@exit_on_usage_error
+def cli(argv: list[str] | None = None, prog: str = "flow-trl diagnose") -> dict:
+    quiet_start()
+    return run(make_parser(prog).parse_args(argv))
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Pipeline directory; defaults to the shipped shapes pipeline.")
@@ -83,13 +98,20 @@ def run(args: argparse.Namespace) -> dict:
     from ..diagnostics import plot_norm_profiles, plot_sensitivity
     from ..toy import evaluation_rows, load_shapes_pipeline
 
+    check_positive("--num_per_family", args.num_per_family)
+    check_positive("--sensitivity_samples", args.sensitivity_samples)
+    if min(args.steps) < 1:
+        raise UsageError(f"--steps must all be at least 1; got {args.steps}.")
+    check_pipeline_dir(args.model)
+    check_lora_paths(args.lora)
     rows = evaluation_rows(args.num_per_family)
     results = {}
     for lora in [None, *args.lora]:
-        pipe = load_shapes_pipeline(args.model)
+        with quiet_loading():
+            pipe = load_shapes_pipeline(args.model)
+            if lora:
+                pipe.load_lora_weights(lora)
         pipe.transformer.requires_grad_(False)
-        if lora:
-            pipe.load_lora_weights(lora)
         name = Path(lora).name if lora else "base"
         results[name] = diagnose_pipeline(pipe, rows, args.steps, args.sensitivity_samples)
     out = Path(args.output_dir)

@@ -24,7 +24,7 @@ SHAPES_DPO_DEFAULTS: dict[str, Any] = {
 }
 
 
-SCRIPT = TrainerScript("FlowDPOTrainer", "FlowDPOConfig", SHAPES_DPO_DEFAULTS)
+SCRIPT = TrainerScript("dpo", "FlowDPOTrainer", "FlowDPOConfig", SHAPES_DPO_DEFAULTS)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 

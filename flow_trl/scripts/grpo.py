@@ -27,7 +27,7 @@ SHAPES_GRPO_DEFAULTS: dict[str, Any] = {
 }
 
 
-SCRIPT = TrainerScript("DanceGRPOTrainer", "DanceGRPOConfig", SHAPES_GRPO_DEFAULTS)
+SCRIPT = TrainerScript("dance_grpo", "DanceGRPOTrainer", "DanceGRPOConfig", SHAPES_GRPO_DEFAULTS)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 

@@ -45,7 +45,7 @@ SHAPES_NFT_DEFAULTS: dict[str, Any] = {
 }
 
 
-SCRIPT = TrainerScript("FlowNFTTrainer", "FlowNFTConfig", SHAPES_NFT_DEFAULTS)
+SCRIPT = TrainerScript("nft", "FlowNFTTrainer", "FlowNFTConfig", SHAPES_NFT_DEFAULTS)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 

@@ -19,9 +19,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..cli import UsageError
 from .grpo import SHAPES_GRPO_DEFAULTS
 from .nft import SHAPES_NFT_LORA_RECIPE
-from .utils import FlowTrlParser, ScriptArguments, TrainerScript, build_peft_config, run_training
+from .utils import (
+    ScriptArguments,
+    TrainerScript,
+    build_peft_config,
+    check_resume_checkpoint,
+    quiet_loading,
+    run_training,
+)
 
 
 # The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 40% of the 9 stochastic steps), Flow-OPD's SDE (flow, eta
@@ -76,13 +84,14 @@ def train_shapes_teacher(
     config_fields = {f.name for f in fields(FlowNFTConfig)}
     recipe = {key: value for key, value in SHAPES_NFT_LORA_RECIPE.items() if key in config_fields}  # not script flags
     args = FlowNFTConfig(**{**recipe, **shared, "output_dir": str(output_dir), "max_steps": max_steps})
-    trainer = FlowNFTTrainer(
-        model=str(SHAPES_PIPELINE_DIR),
-        args=args,
-        reward_funcs=script_args.reward_funcs,
-        train_dataset=shapes_dataset("train").filter(lambda row: row["tag"] in families),
-        peft_config=build_peft_config(script_args),
-    )
+    with quiet_loading():
+        trainer = FlowNFTTrainer(
+            model=str(SHAPES_PIPELINE_DIR),
+            args=args,
+            reward_funcs=script_args.reward_funcs,
+            train_dataset=shapes_dataset("train").filter(lambda row: row["tag"] in families),
+            peft_config=build_peft_config(script_args),
+        )
     trainer.train()
     trainer.save_model(str(output_dir))
 
@@ -95,7 +104,7 @@ def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str,
         folder = root / name
         if not (folder / "pytorch_lora_weights.safetensors").is_file():
             if not script_args.train_teachers:
-                raise FileNotFoundError(
+                raise UsageError(
                     f"No shapes-world teacher {name!r} in {folder}. Train the teachers first with `flow-trl opd "
                     "--train_teachers` (flow-trl nft's recipe on each teacher's families, --teacher_max_steps "
                     "steps), point --teacher_dir to existing ones, or pass --teachers family=path for every family."
@@ -108,20 +117,16 @@ def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str,
 class OPDTrainerScript(TrainerScript):
     """`flow-trl opd`: the shapes world's teachers are resolved (or trained) before the student."""
 
-    def make_parser(self) -> FlowTrlParser:
-        from ..trainer import FlowOPDConfig
-
-        return FlowTrlParser((OPDScriptArguments, FlowOPDConfig))
-
     def main(self, script_args: OPDScriptArguments, training_args) -> dict[str, Any]:
         from ..trainer import FlowOPDTrainer
 
+        check_resume_checkpoint(training_args.resume_from_checkpoint)  # before training any teacher
         if script_args.model is None and not training_args.teachers:
             training_args.teachers = shapes_teachers(script_args, training_args)
         return run_training(FlowOPDTrainer, script_args, training_args)
 
 
-SCRIPT = OPDTrainerScript("FlowOPDTrainer", "FlowOPDConfig", SHAPES_OPD_DEFAULTS)
+SCRIPT = OPDTrainerScript("opd", "FlowOPDTrainer", "FlowOPDConfig", SHAPES_OPD_DEFAULTS, OPDScriptArguments)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 

@@ -26,7 +26,7 @@ SHAPES_STEP_GRPO_DEFAULTS: dict[str, Any] = {
 }
 
 
-SCRIPT = TrainerScript("StepGRPOTrainer", "StepGRPOConfig", SHAPES_STEP_GRPO_DEFAULTS)
+SCRIPT = TrainerScript("step_grpo", "StepGRPOTrainer", "StepGRPOConfig", SHAPES_STEP_GRPO_DEFAULTS)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 

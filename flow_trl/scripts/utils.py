@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+
+from ..cli import UsageError, exit_on_usage_error
 
 
 @dataclass
@@ -56,36 +62,151 @@ class ScriptArguments:
     )
 
 
+# Flags `flow-trl <command> --help` shows (those the command has, in this order); `--help-all` shows every flag.
+COMMON_FLAGS = (
+    "config", "model", "dataset_name", "reward_funcs", "output_dir", "max_steps", "learning_rate", "use_peft",
+    "lora_r", "lora_alpha", "num_generations", "per_device_train_batch_size", "num_inference_steps", "teachers",
+    "train_teachers", "drm_model_name_or_path", "num_samples", "max_prompts", "num_blocks", "eval_strategy",
+    "eval_steps", "save_strategy", "resume_from_checkpoint", "seed", "bf16", "report_to", "push_to_hub", "help-all",
+)
+
+
+class _HelpAction(argparse.Action):
+    """``-h/--help``: the common flags and a pointer to the rest; ``--help-all`` (``full=True``): every flag."""
+
+    def __init__(self, option_strings, dest, full: bool = False, help: str | None = None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+        self.full = full
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(parser.format_help() if self.full else parser.format_common_help())
+        parser.exit()
+
+
+class _CompactHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag once (``--max_steps MAX_STEPS``, without its dashed alias)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        return f"{action.option_strings[0]} {self._format_args(action, action.dest.upper())}"
+
+
 class FlowTrlParser(HfArgumentParser):
     """`HfArgumentParser` with ``--config file.yaml``: YAML values become defaults, flags override them.
 
-    Unknown YAML keys are an error (a typo must not be silently ignored); an ``env:`` mapping sets environment
-    variables.
+    YAML keys and values are checked like flags (an unknown key, a list for a single-valued flag or a value of the
+    wrong type is an error: a typo must not be silently ignored); an ``env:`` mapping sets environment variables.
+    ``--help`` lists the common flags, ``--help-all`` every flag. Mistakes raise [`UsageError`] (one line for the
+    user) rather than exiting.
     """
 
-    def parse_args_and_config(self, args: list[str] | None = None, defaults: dict[str, Any] | None = None):
-        argv = list(args) if args is not None else sys.argv[1:]
-        values = dict(defaults or {})
-        if "--config" in argv:
-            i = argv.index("--config")
-            path = argv[i + 1]
+    def __init__(self, dataclass_types, prog: str | None = None, **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]")
+        super().__init__(dataclass_types, prog=prog, add_help=False, allow_abbrev=False, **kwargs)
+        self.add_argument("-h", "--help", action=_HelpAction, help="Show the common flags and exit.")
+        self.add_argument("--help-all", action=_HelpAction, full=True, help="Show every flag and exit.")
+        self.add_argument(
+            "--config",
+            metavar="FILE.yaml",
+            default=argparse.SUPPRESS,
+            help="YAML mapping of flag names to values (flags given as well override it); an `env:` mapping in it "
+            "sets environment variables.",
+        )
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (`{self.prog} --help-all` lists every flag)")
+
+    def format_common_help(self) -> str:
+        """The usage, the common flags (`COMMON_FLAGS`) with their help, and how to see every flag."""
+        actions = [self._option_string_actions[f"--{name}"] for name in COMMON_FLAGS
+                   if f"--{name}" in self._option_string_actions]
+        formatter = _CompactHelpFormatter(prog=self.prog)
+        formatter.add_usage(self.usage, [], [])
+        formatter.add_text(self.description)
+        formatter.start_section("common flags")
+        formatter.add_arguments(actions)
+        formatter.end_section()
+        formatter.add_text(
+            f"{len(self._actions)} flags in all (the trainer's config and transformers' TrainingArguments): "
+            f"`{self.prog} --help-all` lists them with their help."
+        )
+        return formatter.format_help()
+
+    def read_config(self, path: str) -> dict[str, Any]:
+        """The flag values of a YAML file, checked like flags; sets the environment variables of its ``env:``."""
+        try:
             with open(path) as f:
-                config = yaml.safe_load(f) or {}
-            argv = argv[:i] + argv[i + 2 :]
-            for key, value in (config.pop("env", None) or {}).items():
-                os.environ[key] = str(value)
-            known = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype)}
-            unknown = sorted(set(config) - known)
-            if unknown:
-                raise ValueError(f"Unknown keys in {path}: {unknown}. Check their spelling against `--help`.")
-            values.update(config)
+                config = yaml.safe_load(f)
+        except OSError as err:
+            raise UsageError(f"--config {path}: {err.strerror}.") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+            raise UsageError(f"--config {path} is not valid YAML{where}: {problem}.") from None
+        config = {} if config is None else config
+        if not isinstance(config, dict):
+            kind = type(config).__name__
+            raise UsageError(f"--config {path} must be a mapping of flag names to values; got a {kind}.")
+        env = config.pop("env", None) or {}
+        if not isinstance(env, dict):
+            raise UsageError(f"--config {path}: `env` must be a mapping of variable names to values.")
+        known = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise UsageError(f"Unknown keys in {path}: {unknown}. Check their spelling against `--help-all`.")
+        for key, value in env.items():
+            os.environ[str(key)] = str(value)
+        return {key: self._config_value(path, key, value) for key, value in config.items()}
+
+    def _config_value(self, path: str, key: str, value: Any) -> Any:
+        """`value` as the flag `--key` would parse it (lists for multi-valued flags); a `UsageError` if it cannot."""
+        action = self._option_string_actions[f"--{key}"]
+        if value is None or isinstance(value, dict):  # dict-valued fields (e.g. model_init_kwargs) take mappings
+            return value
+        multiple = action.nargs in ("+", "*")
+        if isinstance(value, list) and not multiple:
+            raise UsageError(f"{path}: `{key}` takes one value, got the list {value!r}.")
+        values = [self._convert_config_value(path, key, action, v) for v in (value if isinstance(value, list) else [value])]
+        return values if multiple else values[0]
+
+    @staticmethod
+    def _convert_config_value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
+        if action.type is None or isinstance(value, (list, dict)):
+            return value
+        try:
+            converted = action.type(value if isinstance(value, str) else str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            kind = getattr(action.type, "__name__", "value")
+            raise UsageError(f"{path}: `{key}: {value!r}` is not a valid {kind}.") from None
+        if action.choices is not None and converted not in action.choices:
+            raise UsageError(f"{path}: `{key}: {value!r}` is not one of {[str(c) for c in action.choices]}.")
+        return converted
+
+    def parse_args_and_config(self, args: list[str] | None = None, defaults: dict[str, Any] | None = None):
+        """The dataclasses from `defaults`, then the ``--config`` file (``--config F`` or ``--config=F``), then the
+        flags, each overriding the one before."""
+        argv = list(args) if args is not None else sys.argv[1:]
+        pre = argparse.ArgumentParser(prog=self.prog, add_help=False, allow_abbrev=False)
+        pre.add_argument("--config", metavar="FILE.yaml")
+        pre.error = self.error
+        known, argv = pre.parse_known_args(argv)
+        values = dict(defaults or {})
+        if known.config is not None:
+            values.update(self.read_config(known.config))
         self.set_defaults(**values)
         for action in self._actions:  # a default from YAML satisfies a required flag
             if action.dest in values:
                 action.required = False
-        *outputs, remaining = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        try:
+            *outputs, remaining = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        except UsageError:
+            raise
+        except ValueError as err:  # a config's own validation (`__post_init__`) of the values given
+            raise UsageError(str(err)) from None
         if remaining:
-            self.error(f"unrecognized arguments: {' '.join(remaining)} (`--help` lists every flag)")
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
         return tuple(outputs)
 
 
@@ -103,6 +224,80 @@ SHAPES_COMMON_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "num_images_to_log": 0,
 }
+
+
+class _TorchvisionNoticeFilter(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version without torchvision: the
+    diffusers pipelines import those processors, flow_trl does not use them, and the user has nothing to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_start() -> None:
+    """Keep a command's output to what the user needs: no torchvision notice (see `_TorchvisionNoticeFilter`)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionNoticeFilter) for f in logger.filters):
+        logger.addFilter(_TorchvisionNoticeFilter())
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' loading bars (pipeline components, weights) while models load; the
+    training progress bar is unaffected."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for module in enabled:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in enabled:
+            module.enable_progress_bar()
+
+
+def runtime_defaults() -> dict[str, Any]:
+    """Defaults that depend on the machine: pin dataloader memory only when there is an accelerator to copy to
+    (`TrainingArguments` pins by default, and torch warns on every CPU run)."""
+    import torch
+
+    return {"dataloader_pin_memory": torch.accelerator.is_available()}
+
+
+def check_positive(flag: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} must be at least {minimum}; got {value}.")
+
+
+def check_lora_paths(paths: list[str]) -> None:
+    """Each LoRA must exist: a folder written by `save_model`/`save_lora_weights`, or its `.safetensors` file."""
+    for path in paths:
+        if not Path(path).exists():
+            raise UsageError(f"--lora {path}: no such file or directory (pass a folder written by a flow-trl run, "
+                             "or its pytorch_lora_weights.safetensors).")
+
+
+def check_pipeline_dir(path: str | None) -> None:
+    """A local pipeline folder (`--model` of evaluate/diagnose) must hold a `model_index.json`."""
+    if path is not None and not Path(path, "model_index.json").is_file():
+        raise UsageError(f"--model {path}: no pipeline there (no model_index.json); leave --model out for the "
+                         "shipped shapes pipeline.")
+
+
+def check_resume_checkpoint(path: str | None) -> None:
+    """`--resume_from_checkpoint` must be a checkpoint folder (with `trainer_state.json`), checked before any work."""
+    if path is None:
+        return
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"--resume_from_checkpoint {path}: no such directory. Pass a checkpoint folder, "
+                         "<output_dir>/checkpoint-<step> (saved with --save_strategy steps --save_steps N).")
+    if not (folder / "trainer_state.json").is_file():
+        found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+        hint = f"; it has {found}: pass one of them" if found else ""
+        raise UsageError(f"--resume_from_checkpoint {path} is not a checkpoint (no trainer_state.json){hint}.")
 
 
 def build_peft_config(script_args: ScriptArguments):
@@ -124,7 +319,7 @@ def load_prompt_datasets(script_args: ScriptArguments):
     """(train, eval) datasets: the shapes world's prompt splits, or `datasets.load_dataset(dataset_name)`."""
     if script_args.dataset_name is None:
         if script_args.model is not None:
-            raise ValueError(
+            raise UsageError(
                 f"--model {script_args.model} needs prompts: pass --dataset_name (a `datasets.load_dataset` name or "
                 "path with a `prompt` column). Without --model, the shapes world's prompts are used."
             )
@@ -178,14 +373,15 @@ def build_trainer(trainer_class, script_args: ScriptArguments, training_args):
     from ..toy import SHAPES_PIPELINE_DIR
 
     train_ds, eval_ds = load_prompt_datasets(script_args)
-    return trainer_class(
-        model=script_args.model or str(SHAPES_PIPELINE_DIR),
-        args=training_args,
-        reward_funcs=script_args.reward_funcs,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        peft_config=build_peft_config(script_args),
-    )
+    with quiet_loading():
+        return trainer_class(
+            model=script_args.model or str(SHAPES_PIPELINE_DIR),
+            args=training_args,
+            reward_funcs=script_args.reward_funcs,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            peft_config=build_peft_config(script_args),
+        )
 
 
 def run_training(trainer_class, script_args: ScriptArguments, training_args, trainer=None) -> dict[str, Any]:
@@ -195,6 +391,7 @@ def run_training(trainer_class, script_args: ScriptArguments, training_args, tra
     ``{"before", "after"}`` shapes metrics (shapes world only) and the trainer's ``log_history``.
     """
     shapes = script_args.model is None
+    check_resume_checkpoint(training_args.resume_from_checkpoint)
     if trainer is None:
         trainer = build_trainer(trainer_class, script_args, training_args)
     report: dict[str, Any] = {}
@@ -222,28 +419,34 @@ def run_training(trainer_class, script_args: ScriptArguments, training_args, tra
 def parse_with_shapes_defaults(parser: FlowTrlParser, argv: list[str] | None, shapes_defaults: dict[str, Any]):
     """Parse flags/YAML; the shapes-world recipe's values are the defaults when no `--model` is given."""
     argv = list(argv) if argv is not None else sys.argv[1:]
-    defaults = shapes_defaults if not any(a == "--model" or a.startswith("--model=") for a in argv) else {}
-    return parser.parse_args_and_config(argv, defaults=defaults)
+    shapes = not any(a == "--model" or a.startswith("--model=") for a in argv)
+    return parser.parse_args_and_config(argv, defaults={**runtime_defaults(), **(shapes_defaults if shapes else {})})
 
 
 @dataclass(frozen=True)
 class TrainerScript:
     """One `flow-trl <command>`: which trainer and config it runs, and its shapes-world recipe."""
 
-    trainer_class: str  # a name exported by flow_trl, e.g. "FlowNFTTrainer"
+    command: str  # e.g. "nft": `flow-trl nft`
+    trainer_class: str  # a name exported by flow_trl.trainer, e.g. "FlowNFTTrainer"
     config_class: str  # e.g. "FlowNFTConfig"
     shapes_defaults: dict[str, Any]
+    script_args_class: type = ScriptArguments
 
-    def make_parser(self) -> FlowTrlParser:
+    def make_parser(self, prog: str | None = None) -> FlowTrlParser:
         from .. import trainer
 
-        return FlowTrlParser((ScriptArguments, getattr(trainer, self.config_class)))
+        config = getattr(trainer, self.config_class)
+        return FlowTrlParser((self.script_args_class, config), prog=prog or f"flow-trl {self.command}")
 
     def main(self, script_args: ScriptArguments, training_args) -> dict[str, Any]:
         from .. import trainer
 
         return run_training(getattr(trainer, self.trainer_class), script_args, training_args)
 
-    def cli(self, argv: list[str] | None = None) -> dict[str, Any]:
-        """Parse flags/YAML (the shapes-world recipe when no model is given) and run."""
-        return self.main(*parse_with_shapes_defaults(self.make_parser(), argv, self.shapes_defaults))
+    @exit_on_usage_error
+    def cli(self, argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+        """Parse flags/YAML (the shapes-world recipe when no model is given) and run; a mistake in them exits with
+        status 2 and one line on stderr."""
+        quiet_start()
+        return self.main(*parse_with_shapes_defaults(self.make_parser(prog), argv, self.shapes_defaults))

@@ -21,6 +21,8 @@ def evaluation_rows(num_per_family: int = 48, seed: int = 0) -> list[dict[str, A
     Each family contributes `num_per_family` rows, cycling through its held-out prompts; row ``i`` of a family has
     seed ``seed + i`` so that repeated prompts get different images. The default gives 6 x 48 = 288 rows.
     """
+    if num_per_family < 1:
+        raise ValueError(f"num_per_family must be at least 1; got {num_per_family}: every family needs an image.")
     test = split_prompts("test")
     rows = []
     for tag in TAGS:
@@ -108,6 +110,8 @@ def evaluate_pipeline(
     (``score/<tag>``, ``strict/<tag>``), and the reward-independent ``quality``. With `grid_path`, also saves a
     PNG with `grid_per_family` samples of each family, one family per row.
     """
+    if grid_path is not None and grid_per_family < 1:
+        raise ValueError(f"grid_per_family must be at least 1; got {grid_per_family}. Pass grid_path=None for no grid.")
     rows = evaluation_rows(num_per_family, seed)
     images = generate(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], num_inference_steps,
                       guidance_scale)

@@ -26,8 +26,10 @@ class FlowAWMConfig(FlowRLConfig):
     ghuber_power (`float`, defaults to `0.25`):
         The generalised-Huber exponent `p` (in (0, 1]).
     clip_range (`float`, defaults to `1.0`):
-        PPO clip of the likelihood ratio, `[1 - clip_range, 1 + clip_range]`. AWM is on-policy (the ratio is 1 by
-        construction, its gradient is not), so the clip only binds if you change that.
+        PPO clip of the likelihood ratio `exp(l - l_old)`, `[1 - clip_range, 1 + clip_range]`. In the optimizer step
+        that follows a rollout the ratio is exactly 1 (its gradient is not); later optimizer steps on the same rollout
+        (`steps_per_generation` or `num_iterations` above `gradient_accumulation_steps`) compare with the
+        log-likelihood of the policy that sampled, and there the clip is a trust region.
     advantage_max (`float`, defaults to `1.0`):
         Advantages are clipped to `advantage_clip` (5) and rescaled to `[-advantage_max, advantage_max]`.
     timestep_sampler (`str`, defaults to `"discrete_wo_init"`):
@@ -47,7 +49,8 @@ class FlowAWMConfig(FlowRLConfig):
     > [!NOTE]
     > Defaults that differ from [`FlowRLConfig`], following the reference's GenEval config: `guidance_scale=1.0`
     > (CFG-free rollouts and training), `beta=1e-3` (velocity KL to the base model; 1e-4 for PickScore),
-    > `scale_rewards="batch"` (global std). The reference samples with a stochastic SA-Solver (noise 0.4 for
+    > `scale_rewards="batch"` (global std), `disable_dropout=True` (the likelihood ratio compares the training
+    > forward with the sampling policy's). The reference samples with a stochastic SA-Solver (noise 0.4 for
     > GenEval); here any `sde_type` works and the default is the Euler ODE. The reference trains one optimizer
     > step per rollout (`steps_per_generation=1`), strictly on-policy. NormGuard's paper uses `norm_guard_coef=0.01`
     > with AWM.
@@ -55,12 +58,15 @@ class FlowAWMConfig(FlowRLConfig):
 
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale (1.0: AWM is CFG-free)."})
     beta: float = field(default=1e-3, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Zero every dropout of the policy so the likelihood ratio starts at 1."}
+    )
     scale_rewards: str = field(
         default="batch", metadata={"help": "Advantage std: 'batch' (global std, AWM's default), 'group' or 'none'."}
     )
     weighting: str = field(default="ghuber", metadata={"help": "Likelihood weighting: 'ghuber' or 'uniform'."})
     ghuber_power: float = field(default=0.25, metadata={"help": "Generalised-Huber exponent p in (0, 1]."})
-    clip_range: float = field(default=1.0, metadata={"help": "PPO clip range of the (on-policy) ratio."})
+    clip_range: float = field(default=1.0, metadata={"help": "PPO clip range of the ratio to the sampling policy."})
     advantage_max: float = field(
         default=1.0, metadata={"help": "Advantages are rescaled from [-advantage_clip, advantage_clip] to +-this."}
     )

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models import index_conditioning
 from ..regularizers import velocity_kl
 from ..timesteps import flow_matching_mse, flow_target, noise_latents, sample_training_sigmas
 from .awm_config import FlowAWMConfig
 from .base_trainer import FlowRLTrainer
 from .mixins import NormGuardMixin
+from .utils import eval_mode
 
 
 _GHUBER_EPS = 1e-10  # mse^p has an infinite slope at 0 (algorithms.md 5, pitfall c)
@@ -39,23 +41,28 @@ def awm_loss(
     weighting: str = "ghuber",
     power: float = 0.25,
     clip_range: float = 1.0,
+    old_log_likelihood: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """AWM's policy loss (algorithms.md section 5), a pure function.
 
-    ``mse = mean_dims (v_theta - target)^2`` in fp64, ``l = flow_matching_log_likelihood(mse, ...)``; the on-policy
-    ratio ``exp(l - sg(l))`` is exactly 1 but carries the gradient of `l`;
-    ``loss = mean_b max(-A ratio, -A clip(ratio, 1 - c, 1 + c))``. Its gradient with respect to `v_theta` is
-    ``A t mse^(p - 1) grad(mse)`` (ghuber, up to the 1e-10) or ``A grad(mse)`` (uniform), divided by B: positive
-    advantages pull `v_theta` toward the flow target, negative ones push it away.
+    ``mse = mean_dims (v_theta - target)^2`` in fp64, ``l = flow_matching_log_likelihood(mse, ...)``;
+    ``ratio = exp(l - l_old)`` with the sampling policy's `old_log_likelihood`, or on-policy ``exp(l - sg(l))``,
+    exactly 1 but carrying the gradient of `l`; ``loss = mean_b max(-A ratio, -A clip(ratio, 1 - c, 1 + c))``.
+    On-policy, its gradient with respect to `v_theta` is ``A t mse^(p - 1) grad(mse)`` (ghuber, up to the 1e-10) or
+    ``A grad(mse)`` (uniform), divided by B: positive advantages pull `v_theta` toward the flow target, negative ones
+    push it away.
 
     Args:
         v_theta: trained velocity `[B, ...]` (with gradient). target: flow-matching target ``noise - x0``.
         sigma: `[B]` training sigmas. advantages: `[B]`, typically in [-1, 1].
         weighting, power: see `flow_matching_log_likelihood`. clip_range: PPO clip of the ratio.
+        old_log_likelihood: `[B]` fp64 log-likelihood of the same inputs under the policy that sampled, once the
+            trained policy has moved since the rollout; `None` on-policy.
     """
     mse = flow_matching_mse(v_theta, target, torch.float64)
     log_likelihood = flow_matching_log_likelihood(mse, sigma, weighting, power)
-    ratio = torch.exp(log_likelihood - log_likelihood.detach())
+    old = log_likelihood.detach() if old_log_likelihood is None else old_log_likelihood.double()
+    ratio = torch.exp(log_likelihood - old)
     a = advantages.double()
     unclipped = -a * ratio
     clipped = -a * ratio.clamp(1 - clip_range, 1 + clip_range)
@@ -63,6 +70,7 @@ def awm_loss(
     metrics = {
         "awm/mse": mse.detach().mean().item(),
         "awm/log_likelihood": log_likelihood.detach().mean().item(),
+        "awm/ratio": ratio.detach().mean().item(),
         "awm/clip_frac": ((ratio.detach() - 1).abs() > clip_range).double().mean().item(),
     }
     return loss, metrics
@@ -117,22 +125,53 @@ class FlowAWMTrainer(NormGuardMixin, FlowRLTrainer):
         self._soft_update("ema", self.args.ema_decay_schedule, self.args.ema_max_decay, "awm/ema_decay")
 
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """Advantages rescaled to [-advantage_max, advantage_max]; training sigmas and their noise."""
+        """Advantages rescaled to [-advantage_max, advantage_max]; training sigmas and their noise; the optimizer
+        step of the rollout and, when the rollout is trained over more than one optimizer step, the sampling
+        policy's log-likelihood of every training input (`old_log_likelihood`, `[B, k]`)."""
         args = self.args
         latents = inputs["latents"]
         sigmas = sample_training_sigmas(args.timestep_sampler, len(latents), args.num_train_timesteps, self.sigmas,
                                         generator, shift=self.sigma_shift)
         advantages = inputs["advantages"] / args.advantage_clip * args.advantage_max
-        return {**inputs, "advantages": advantages, **self._forward_process_noise(latents, sigmas, generator)}
+        inputs = {**inputs, "advantages": advantages, **self._forward_process_noise(latents, sigmas, generator),
+                  "rollout_step": self.state.global_step}
+        # a rollout's micro-batches share one optimizer step only if each step trains whole rollouts
+        if args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations):
+            inputs["old_log_likelihood"] = self._sampling_log_likelihood(inputs)
+        return inputs
+
+    def _flow_matching_inputs(self, inputs: dict[str, Any], chunk: int, rows=slice(None)):
+        """(x0, noise, sigma, x_t) of training sigma `chunk` for the rows `rows` of a rollout or micro-batch."""
+        x0, noise = inputs["latents"][rows].float(), inputs["train_noise"][rows, chunk]
+        sigma = inputs["train_sigmas"][rows, chunk]
+        return x0, noise, sigma, noise_latents(x0, sigma, noise)
+
+    @torch.no_grad()
+    def _sampling_log_likelihood(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """`flow_matching_log_likelihood` `[B, k]` of the rollout's training inputs under the policy as it sampled
+        (computed at rollout time, a micro-batch at a time, like the reference's pass before an epoch's training)."""
+        args, batch = self.args, self.args.per_device_train_batch_size
+        columns = []
+        with eval_mode(self.model):
+            for chunk in range(inputs["train_sigmas"].shape[1]):
+                parts = []
+                for start in range(0, len(inputs["latents"]), batch):
+                    rows = slice(start, start + batch)
+                    x0, noise, sigma, x_t = self._flow_matching_inputs(inputs, chunk, rows)
+                    v = self.velocity(self.model, x_t, sigma, index_conditioning(inputs["cond"], rows))
+                    mse = flow_matching_mse(v, flow_target(x0, noise), torch.float64)
+                    parts.append(flow_matching_log_likelihood(mse, sigma, args.weighting, args.ghuber_power))
+                columns.append(torch.cat(parts))
+        return torch.stack(columns, dim=1)
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], chunk: int) -> torch.Tensor:
         args, cond = self.args, inputs["cond"]
-        x0, noise = inputs["latents"].float(), inputs["train_noise"][:, chunk]
-        sigma = inputs["train_sigmas"][:, chunk]
-        x_t = noise_latents(x0, sigma, noise)
+        x0, noise, sigma, x_t = self._flow_matching_inputs(inputs, chunk)
         v_theta = self.velocity(model, x_t, sigma, cond)
+        # on-policy until the first optimizer step after the rollout, then a ratio to the sampling policy
+        old = None if self.state.global_step == inputs["rollout_step"] else inputs["old_log_likelihood"][:, chunk]
         loss, metrics = awm_loss(v_theta, flow_target(x0, noise), sigma, inputs["advantages"], args.weighting,
-                                 args.ghuber_power, args.clip_range)
+                                 args.ghuber_power, args.clip_range, old)
         if args.ema_beta > 0:
             with torch.no_grad(), self.policy("ema") as ema:
                 v_ema = self.velocity(ema, x_t, sigma, cond)

@@ -11,7 +11,8 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from ..advantages import SHAPINGS, SLAS_ORDERS
-from ..sampling import STEP_TYPES
+from ..rewards import check_reward_weights
+from ..sampling import STEP_TYPES, check_noise_level
 
 
 logger = logging.get_logger(__name__)
@@ -46,6 +47,11 @@ class FlowRLConfig(TrainingArguments):
         (`pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights` reads; `flow_trl.lora.
         lora_from_weight_difference`). Exact when the rank reaches every linear layer's smaller dimension (128 for
         the shapes model), the best approximation of that rank below it.
+    disable_dropout (`bool`, defaults to `False`):
+        Set every dropout probability of the trained transformer (LoRA's `lora_dropout` included) to 0. Rollouts
+        always sample in eval mode; with dropout left on, the training forward differs from the one that sampled,
+        which biases likelihood ratios. On by default in the likelihood-ratio trainers (GRPO family, OPD, AWM), as in
+        TRL's `GRPOConfig`.
 
     > Parameters that control generation (rollouts)
 
@@ -68,12 +74,13 @@ class FlowRLConfig(TrainingArguments):
     sde_type (`str`, defaults to `"ode"`):
         Step function of rollouts: `"ode"` (Euler), `"flow_sde"`, `"dance_sde"` or `"cps"`.
     noise_level (`float`, defaults to `0.7`):
-        Noise level (eta) of the stochastic step functions; ignored by `"ode"`.
+        Noise level (eta) of the stochastic step functions; ignored by `"ode"`. Valid: `0 < eta` for `"flow_sde"`
+        and `"dance_sde"`, `0 < eta <= 1` for `"cps"` (`flow_trl.sampling.NOISE_LEVEL_RANGES`).
 
     > Parameters that control rewards and advantages
 
     reward_weights (`list[float]`, *optional*):
-        One weight per reward function; all ones by default.
+        One weight per reward function; all ones by default. Finite, and not all 0.
     scale_rewards (`str`, defaults to `"group"`):
         Advantage normalisation: `(r - group mean) / (std + 1e-4)` with the group's std (`"group"`), the std of the
         whole rollout (`"batch"`, flow_grpo's `global_std`), or no division (`"none"`).
@@ -122,6 +129,13 @@ class FlowRLConfig(TrainingArguments):
     weight_ema_update_interval (`int`, defaults to `1`):
         Optimizer steps between EMA updates.
 
+    > Parameters that control the output directory
+
+    overwrite_output_dir (`bool`, defaults to `False`):
+        Start a new run in an `output_dir` that holds another run's outputs (checkpoints, weights, model card:
+        `flow_trl.trainer.outputs.previous_run_files`) by deleting those outputs first; other files are kept. When
+        `False`, `train()` refuses such a folder unless it resumes (`resume_from_checkpoint`), so two runs never mix.
+
     > [!NOTE]
     > Launched with several processes (`WORLD_SIZE > 1`) on a machine without accelerators, `use_cpu` is switched
     > on, so `accelerate launch --multi_gpu --num_processes 2 ...` trains on 2 CPU processes (see
@@ -159,6 +173,11 @@ class FlowRLConfig(TrainingArguments):
         metadata={"help": "Full fine-tuning with full_finetune_params='linear': also save the change of the linear "
                   "weights as a diffusers-format LoRA of this rank (exact at each layer's smaller dimension)."},
     )
+    disable_dropout: bool = field(
+        default=False,
+        metadata={"help": "Set every dropout probability of the trained transformer (lora_dropout included) to 0, so "
+                  "the training forward matches the sampling one (on in the likelihood-ratio trainers)."},
+    )
 
     # generation
     num_generations: int = field(default=8, metadata={"help": "Images per prompt (group size), at least 2."})
@@ -175,11 +194,13 @@ class FlowRLConfig(TrainingArguments):
     sde_type: str = field(
         default="ode", metadata={"help": "Rollout step function: 'ode', 'flow_sde', 'dance_sde' or 'cps'."}
     )
-    noise_level: float = field(default=0.7, metadata={"help": "Noise level (eta) of stochastic step functions."})
+    noise_level: float = field(
+        default=0.7, metadata={"help": "Noise level (eta) of stochastic step functions: > 0; at most 1 for 'cps'."}
+    )
 
     # rewards and advantages
     reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per reward function (all ones if unset)."}
+        default=None, metadata={"help": "One finite weight per reward function, not all 0 (all ones if unset)."}
     )
     scale_rewards: str = field(
         default="group", metadata={"help": "Advantage std: 'group', 'batch' (global std) or 'none'."}
@@ -225,6 +246,13 @@ class FlowRLConfig(TrainingArguments):
     )
     weight_ema_update_interval: int = field(default=1, metadata={"help": "Optimizer steps between EMA updates."})
 
+    # output directory
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete another run's outputs (checkpoints, weights, model card) in output_dir before "
+                  "training; without it (and without resume_from_checkpoint) such a folder is refused."},
+    )
+
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     def __post_init__(self):
@@ -254,6 +282,8 @@ class FlowRLConfig(TrainingArguments):
         else:
             self.steps_per_generation = self.generation_batch_size // per_step
         self._check_generation_groups()
+        if self.reward_weights is not None:
+            check_reward_weights(self.reward_weights)
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}; got {self.scale_rewards!r}.")
         if self.advantage_shaping not in SHAPINGS:
@@ -264,8 +294,14 @@ class FlowRLConfig(TrainingArguments):
             raise ValueError(f"slas_gamma must be >= 0; got {self.slas_gamma}.")
         if self.sde_type not in STEP_TYPES:
             raise ValueError(f"sde_type must be one of {STEP_TYPES}; got {self.sde_type!r}.")
+        check_noise_level(self.sde_type, self.noise_level)
         if self.num_inference_steps < 2:
             raise ValueError(f"num_inference_steps must be at least 2; got {self.num_inference_steps}.")
+        if self.resolution is not None and self.resolution <= 0:
+            raise ValueError(
+                f"resolution must be a positive number of pixels (the side of the square images); got "
+                f"{self.resolution}. Leave it unset for the pipeline's native resolution."
+            )
         for name in ("noise_level", "beta", "norm_guard_coef", "mar_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,25 +28,29 @@ from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
 from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats, slas_advantages
-from ..lora import lora_from_weight_difference, with_default_targets
+from ..lora import lora_adapter_metadata, lora_from_weight_difference, with_default_targets
 from ..models import get_adapter, index_conditioning, load_pipeline
 from ..regularizers import velocity_kl, velocity_norm_ratio
-from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_name, weighted_reward
+from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_names, weighted_reward
 from ..sampling import rollout
 from .base_config import FlowRLConfig
 from .callbacks import use_diffusers_callbacks
 from .ema import ParameterEMA
+from .health import RewardHealth, ZeroGradientCallback
 from .model_card import ModelCardMixin
-from .utils import soft_update_decay
+from .outputs import prepare_output_dir, remove_stale_weights
+from .utils import disable_dropout, eval_mode, soft_update_decay
 
 
 POLICY_STATE_FILE = "flow_trl_policies.safetensors"
 ALGORITHM_STATE_FILE = "flow_trl_state.json"  # what an algorithm adapts during training (e.g. SLAS gamma)
 WEIGHT_EMA_FILE = "flow_trl_weight_ema.safetensors"
+TRAINER_RECORD_FILE = "flow_trl_trainer.json"  # which trainer wrote a checkpoint, and its rollout count
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_TRAINER_MARK = "_flow_trl_trainer"  # set on a pipeline's transformer by the trainer that prepared it for training
 
 
 class RepeatSampler(Sampler[int]):
@@ -164,16 +169,27 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         self.adapter = get_adapter(self.pipe, args.max_sequence_length, args.decode_batch_size)
         needs_rewards = reward_funcs is not None or self._requires_reward_funcs(train_dataset)
         self.reward_funcs = resolve_reward_funcs(reward_funcs) if needs_rewards else []
-        self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
+        self.reward_func_names = reward_func_names(self.reward_funcs)
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
                 "functions; give one weight per function."
             )
         self.resolution = args.resolution or self.adapter.default_resolution
-        self.adapter.latent_shape(self.resolution, self.resolution)  # validates the resolution early
+        try:
+            self.adapter.latent_shape(self.resolution, self.resolution)
+        except ValueError as error:
+            raise ValueError(f"resolution {self.resolution} does not fit this pipeline. {error}") from error
 
         transformer = self.adapter.transformer
+        owner = getattr(transformer, _TRAINER_MARK, None)
+        if owner is not None:
+            raise ValueError(
+                f"This pipeline is already used by a {owner}, which set up its transformer for training (LoRA "
+                "adapters or policy copies, frozen parameters); a second trainer would train on top of that. Give "
+                "each trainer its own pipeline: load it again, pass the model path, or pass a `copy.deepcopy(pipe)` "
+                "made before the first trainer."
+            )
         for module in self.adapter.frozen_modules():
             module.requires_grad_(False).eval()
         self.is_lora = peft_config is not None
@@ -200,6 +216,10 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             _set_full_finetune_params(transformer, args.full_finetune_params)
             for name in (*self._policy_adapters, "ref"):
                 self._policy_models[name] = copy.deepcopy(transformer).requires_grad_(False).eval()
+        setattr(transformer, _TRAINER_MARK, type(self).__name__)
+        self._prepared_output_dir: str | None = None  # the output_dir `train` has checked (see `prepare_output_dir`)
+        if args.disable_dropout:
+            disable_dropout(transformer)
         # diffusers' API, not transformers' activation_checkpointing_enable (`gradient_checkpointing` is the alias
         # transformers < 5.23 knows, `activation_checkpointing` the newer name; both are turned off for `Trainer`)
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
@@ -218,6 +238,8 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             optimizers=optimizers,
         )
         use_diffusers_callbacks(self.callback_handler)
+        self.add_callback(ZeroGradientCallback())
+        self._reward_health = RewardHealth()
         self.weight_ema: ParameterEMA | None = None
         if args.weight_ema_decay > 0:
             self.weight_ema = ParameterEMA(self.transformer, args.weight_ema_decay, args.weight_ema_update_interval)
@@ -236,6 +258,8 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffered_inputs: list[dict[str, Any]] | None = None
         self._num_rollouts = 0
+        # (optimizer step, index among that step's rollouts) of the latest rollout: what its randomness is keyed on
+        self._rollout_key: tuple[int, int] | None = None
         self._step = 0
 
     @classmethod
@@ -276,8 +300,13 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
                     p_t.lerp_(p_s, 1.0 - decay)
 
     def _soft_update(self, target: str, schedule: str, max_decay: float, metric: str) -> None:
-        """Soft-update the lagged policy `target` toward the trained one (not before the first optimizer step)."""
-        if self.state.global_step == 0:
+        """Soft-update the lagged policy `target` toward the trained one, with the decay of the current optimizer step.
+
+        Called before each rollout, it acts once per optimizer step: not before the first one, and not before a later
+        rollout of the same optimizer step (the trained policy has not moved since, so every rollout of one
+        optimizer step samples the same lagged policy, like one epoch of the reference implementations).
+        """
+        if self.state.global_step == 0 or self._rollout_key is not None and self._rollout_key[1] > 0:
             return
         decay = soft_update_decay(self.state.global_step, schedule, max_decay)
         self._copy_adapter("default", target, decay=decay)
@@ -297,13 +326,15 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         elif name == "ref":
             self.transformer.disable_adapters()
             try:
-                yield self.transformer
+                with eval_mode(self.transformer):  # a frozen policy: no dropout
+                    yield self.transformer
             finally:
                 self.transformer.enable_adapters()
         else:
             self._activate(name)
             try:
-                yield self.transformer
+                with eval_mode(self.transformer):
+                    yield self.transformer
             finally:
                 self._activate("default")
 
@@ -351,9 +382,13 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
     # ---- rollouts ----------------------------------------------------------------------------------------------
 
     def _rollout_generator(self, salt: int = 0) -> torch.Generator:
-        """A CPU generator that depends only on (seed, global step, process, salt): rollouts are resumable."""
-        seed = hash((self.args.seed, self.state.global_step, self.accelerator.process_index, salt)) % (2**63)
-        return torch.Generator().manual_seed(seed)
+        """A CPU generator that depends only on (seed, optimizer step, rollout index within that step, process, salt),
+        so rollouts are resumable and the rollouts of one optimizer step draw different noise. The first rollout of
+        a step is keyed on (seed, step, process, salt) alone: runs with at most one rollout per optimizer step draw
+        what they always drew."""
+        step, index = self._rollout_key or (self.state.global_step, 0)
+        key = (self.args.seed, step, self.accelerator.process_index, salt) + ((index,) if index else ())
+        return torch.Generator().manual_seed(hash(key) % (2**63))
 
     def encode_prompts(self, prompts: list[str]):
         """Encode each distinct prompt once and index the result back to the batch."""
@@ -375,7 +410,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         noise = self._initial_noise(len(prompts), generator)
         batch_size = batch_size or len(prompts)
         chunks = []
-        with self.policy(policy) as module:
+        with self.policy(policy) as module, eval_mode(module):  # the policy samples without dropout
             for i in range(0, len(prompts), batch_size):
                 sub = index_conditioning(cond, slice(i, i + batch_size))
                 chunks.append(rollout(
@@ -401,6 +436,8 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
         rewards = compute_rewards(self.reward_funcs, prompts, images, columns, trainer_state=self.state)
         all_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+        if self.accelerator.is_main_process:
+            self._reward_health.check(all_rewards, self.reward_func_names)
         total = weighted_reward(all_rewards, args.reward_weights)
         advantages = self.compute_advantages(total)
         self._log_rollout_metrics(all_rewards, total, advantages)
@@ -462,6 +499,9 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         """Serve one micro-batch; generate a new rollout every `steps_per_generation * num_iterations` calls."""
         args = self.args
         if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
+            step = self.state.global_step
+            same_step = self._rollout_key is not None and self._rollout_key[0] == step
+            self._rollout_key = (step, self._rollout_key[1] + 1 if same_step else 0)
             self._before_generation()
             inputs = self._generate_and_score(generation_batch)
             self._num_rollouts += 1
@@ -552,20 +592,20 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             raise ValueError("evaluate() needs an eval_dataset (held-out prompts).")
         if not self.reward_funcs:
             raise ValueError("evaluate() scores samples with reward functions; pass `reward_funcs` to the trainer.")
-        self.model.eval()
-        rows = list(dataset)
-        with self.weight_ema.applied() if self.weight_ema is not None else nullcontext():
-            scores, images = self._score_eval_rows(rows, self.sigmas)
-            metrics = self._eval_metrics(scores, metric_key_prefix, "")
-            for steps in self.args.eval_num_inference_steps or []:
-                grid = self.adapter.sigma_grid(steps, self.resolution, self.resolution)
-                metrics.update(
-                    self._eval_metrics(self._score_eval_rows(rows, grid)[0], metric_key_prefix, f"@{steps}")
-                )
-        if self.args.num_images_to_log and self.accelerator.is_main_process and images:
-            self._save_samples(torch.cat(images)[: self.args.num_images_to_log])
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        with eval_mode(self.model):  # logged as eval metrics; training mode is restored afterwards
+            rows = list(dataset)
+            with self.weight_ema.applied() if self.weight_ema is not None else nullcontext():
+                scores, images = self._score_eval_rows(rows, self.sigmas)
+                metrics = self._eval_metrics(scores, metric_key_prefix, "")
+                for steps in self.args.eval_num_inference_steps or []:
+                    grid = self.adapter.sigma_grid(steps, self.resolution, self.resolution)
+                    metrics.update(
+                        self._eval_metrics(self._score_eval_rows(rows, grid)[0], metric_key_prefix, f"@{steps}")
+                    )
+            if self.args.num_images_to_log and self.accelerator.is_main_process and images:
+                self._save_samples(torch.cat(images)[: self.args.num_images_to_log])
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def _score_eval_rows(self, rows: list[dict[str, Any]], sigmas: torch.Tensor):
@@ -595,7 +635,8 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
                                        torch.Generator().manual_seed(self.args.eval_seed + k), self.compute_dtype)
             for k in indices
         ])
-        out = rollout(lambda x, s: self.velocity(module, x, s, cond), noise, sigmas.to(noise.device))
+        with eval_mode(module):
+            out = rollout(lambda x, s: self.velocity(module, x, s, cond), noise, sigmas.to(noise.device))
         return self.adapter.decode(out.latents)
 
     def _eval_metrics(self, scores: torch.Tensor, prefix: str, suffix: str) -> dict[str, float]:
@@ -634,12 +675,19 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
                 if bar is not None:
                     bar.set_postfix(reward=f"{metrics['reward']:.4f}", refresh=False)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`, then an end-of-training summary on the main process (see `training_summary`).
 
-        With `weight_ema_decay`, the model holds the weight EMA afterwards (what `save_model` then writes).
+        A new run refuses an `output_dir` that holds another run's outputs, or clears them with
+        `overwrite_output_dir` (`flow_trl.trainer.outputs.prepare_output_dir`); resuming, or training again with the
+        same trainer, continues the run that is there. With `weight_ema_decay`, the model holds the weight EMA
+        afterwards (what `save_model` then writes).
         """
-        output = super().train(*args, **kwargs)
+        if self._prepared_output_dir != self.args.output_dir:
+            prepare_output_dir(self.args.output_dir, resume=bool(resume_from_checkpoint),
+                               overwrite=self.args.overwrite_output_dir, clear=self.args.should_save)
+            self._prepared_output_dir = self.args.output_dir
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.weight_ema is not None:
             self.weight_ema.copy_to_module()
         if self.is_world_process_zero() and not self.args.disable_tqdm:
@@ -669,18 +717,21 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
     # ---- saving and resuming -----------------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Save the trained weights in diffusers format: a LoRA `load_lora_weights` accepts, or the transformer."""
+        """Save the trained weights in diffusers format: a LoRA `load_lora_weights` accepts, or the transformer.
+
+        Weights of the other kind that an earlier save left in `output_dir` are removed (`remove_stale_weights`).
+        """
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
+        remove_stale_weights(output_dir, writes_lora=self.is_lora or self.args.lora_export_rank is not None,
+                             writes_transformer=not self.is_lora)
         if self.is_lora:
             from peft.utils import get_peft_model_state_dict
 
             lora = get_peft_model_state_dict(self.transformer, adapter_name="default")
-            # the metadata carries lora_alpha: without it diffusers assumes alpha = rank and rescales the LoRA
-            metadata = self.transformer.peft_config["default"].to_dict()
-            metadata.pop("exclude_modules", None)  # the excluded modules have no weights in the file anyway
+            metadata = lora_adapter_metadata(self.transformer.peft_config["default"], lora)
             type(self.pipe).save_lora_weights(
                 output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
             )
@@ -696,12 +747,30 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         torch.save(_without_tokens(self.args), os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+        """`Trainer._save_checkpoint`, with flow_trl's training state (`_save_training_state`) written first.
+
+        `Trainer` then adds the weights, optimizer and trainer state, pushes the folder (`hub_strategy="checkpoint"`)
+        and only then rotates older checkpoints away (`save_total_limit`): every pushed checkpoint is complete, and a
+        save that fails leaves the previous checkpoints in place. Its own partial folder is removed, so that
+        `resume_from_checkpoint=True` finds the last complete checkpoint.
+        """
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        is_new = not os.path.exists(folder)
+        try:
+            if self.args.should_save:
+                self._save_training_state(folder)
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if is_new and self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def _save_training_state(self, folder: str) -> None:
+        """Write what resuming needs beyond `Trainer`'s files into checkpoint `folder`: the trainer record, the extra
+        policies, the weight EMA and the algorithm state."""
         from safetensors.torch import save_file
 
+        os.makedirs(folder, exist_ok=True)
         if self._policy_adapters:
             save_file(self._policy_state(), os.path.join(folder, POLICY_STATE_FILE))
         if self.weight_ema is not None:
@@ -710,6 +779,45 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         if algorithm_state:
             with open(os.path.join(folder, ALGORITHM_STATE_FILE), "w") as f:
                 json.dump(algorithm_state, f, indent=1)
+        with open(os.path.join(folder, TRAINER_RECORD_FILE), "w") as f:
+            json.dump(self._trainer_record(), f, indent=1)
+
+    def _trainer_record(self) -> dict[str, Any]:
+        """What a checkpoint must match to resume this trainer (algorithm, LoRA or full fine-tuning, policies), and
+        the rollouts generated so far."""
+        return {
+            "algorithm": self._name,
+            "trainer_class": type(self).__name__,
+            "lora": self.is_lora,
+            "policies": list(self._policy_adapters),
+            "num_rollouts": self._num_rollouts,
+        }
+
+    def _check_trainer_record(self, checkpoint: str) -> None:
+        """Refuse a checkpoint another algorithm, or the other of LoRA and full fine-tuning, wrote; restore the
+        rollout count. A checkpoint without a record (older flow_trl) is accepted with a warning."""
+        path = os.path.join(checkpoint, TRAINER_RECORD_FILE)
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"{checkpoint} has no {TRAINER_RECORD_FILE} (saved by an older flow_trl), so it cannot be checked to "
+                f"come from a {self._name} run; resuming anyway.",
+                stacklevel=2,
+            )
+            return
+        with open(path) as f:
+            record = json.load(f)
+        this = f"{type(self).__name__} ({self._name})"
+        if record["algorithm"] != self._name:
+            raise ValueError(
+                f"{checkpoint} was saved by {record['trainer_class']} ({record['algorithm']}); {this} cannot resume "
+                f"it. Resume it with {record['trainer_class']}, or start a new {self._name} run without "
+                "resume_from_checkpoint (e.g. from the checkpoint's weights loaded into the pipeline)."
+            )
+        if record["lora"] != self.is_lora:
+            saved, wanted = ("LoRA", "pass the run's peft_config") if record["lora"] else (
+                "full fine-tuning", "drop peft_config")
+            raise ValueError(f"{checkpoint} was saved by a {saved} run; {this} cannot resume it as it is: {wanted}.")
+        self._num_rollouts = record["num_rollouts"]
 
     def _algorithm_state(self) -> dict[str, Any]:
         """JSON-serialisable values the algorithm adapts while training, saved with each checkpoint (none here)."""
@@ -718,17 +826,21 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
     def _restore_algorithm_state(self, state: dict[str, Any]) -> None:
         """Inverse of `_algorithm_state`, called when resuming from a checkpoint that has one."""
 
-    def _policy_state(self) -> dict[str, torch.Tensor]:
+    def _policy_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters of the extra policies (`_policy_adapters`), by their name in the checkpoint."""
         if self.is_lora:
-            return {n: p.detach().clone().contiguous() for n, p in self.transformer.named_parameters()
+            return {n: p for n, p in self.transformer.named_parameters()
                     if any(f".{a}." in n for a in self._policy_adapters)}
-        return {f"{a}.{n}": p.detach().clone().contiguous() for a in self._policy_adapters
-                for n, p in self._policy_models[a].named_parameters()}
+        return {f"{a}.{n}": p for a in self._policy_adapters for n, p in self._policy_models[a].named_parameters()}
+
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone().contiguous() for n, p in self._policy_parameters().items()}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load what `_save`/`_save_checkpoint` wrote (diffusers-format weights and the extra policies)."""
         from safetensors.torch import load_file
 
+        self._check_trainer_record(resume_from_checkpoint)
         if self.is_lora:
             from peft.utils import set_peft_model_state_dict
 
@@ -763,15 +875,17 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             if not os.path.isfile(policy_file):
                 raise FileNotFoundError(f"{policy_file} is missing: this checkpoint cannot resume {self._name}.")
             saved = load_file(policy_file)
+            params = self._policy_parameters()
+            if saved.keys() != params.keys():
+                differing = sorted(saved.keys() ^ params.keys())[:3]
+                raise ValueError(
+                    f"{policy_file} does not hold the policies {type(self).__name__} keeps ({self._policy_adapters}; "
+                    f"e.g. {differing} differ): it was saved by another trainer or LoRA configuration. Resume it with "
+                    "the trainer and peft_config that wrote it."
+                )
             with torch.no_grad():
-                if self.is_lora:
-                    params = dict(self.transformer.named_parameters())
-                    for name, value in saved.items():
-                        params[name].copy_(value)
-                else:
-                    for a in self._policy_adapters:
-                        for n, p in self._policy_models[a].named_parameters():
-                            p.copy_(saved[f"{a}.{n}"])
+                for name, param in params.items():
+                    param.copy_(saved[name])
 
 
 def _set_full_finetune_params(transformer: nn.Module, which: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 
 from ..advantages import best_worst_pairs
 from ..models import cat_conditioning, index_conditioning
@@ -55,6 +56,18 @@ def diffusion_dpo_loss(
         "rewards/margins": masked_mean(margins),
     }
     return loss, metrics
+
+
+class _ReferenceRefresh(TrainerCallback):
+    """Copies the trained policy into the DPO reference after every `ref_update_steps`-th optimizer step, whatever the
+    rollout boundaries (before the next micro-batch, and so before a rollout that the reference samples)."""
+
+    def __init__(self, trainer: FlowDPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_update_steps == 0:
+            self.trainer._copy_adapter("default", "dpo_ref")
 
 
 class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
@@ -124,6 +137,8 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
         super().__init__(model, args=args, reward_funcs=reward_funcs, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers,
                          peft_config=peft_config)
+        if self.args.ref_update_steps is not None:
+            self.add_callback(_ReferenceRefresh(self))
         if self.offline:
             name = getattr(self.pipe, "name_or_path", None) or type(self.pipe).__name__
             with self.accelerator.main_process_first():
@@ -144,11 +159,6 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
         args = self.args  # one "rollout" = generation_batch_size pairs, served over steps_per_generation micro-batches
         return RepeatSampler(len(dataset), num_generations=1, prompts_per_generation=args.generation_batch_size,
                              repeat_count=args.num_iterations * args.steps_per_generation, seed=args.seed)
-
-    def _before_generation(self) -> None:
-        steps = self.args.ref_update_steps
-        if steps is not None and self.state.global_step > 0 and self.state.global_step % steps == 0:
-            self._copy_adapter("default", "dpo_ref")
 
     def _generate_and_score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not self.offline:

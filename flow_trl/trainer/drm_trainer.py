@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -287,6 +288,69 @@ class DRMTrainer(Trainer):
             trainable = {n: p.detach().contiguous() for n, p in drm.named_parameters() if p.requires_grad}
             save_file(trainable, os.path.join(output_dir, TRAINABLE_STATE_FILE))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        reward_funcs: list[str] | None = None,
+        evaluation: dict[str, float] | None = None,
+    ) -> None:
+        """Write the DRM's model card (`README.md`) into `output_dir`: what the model is, its base, its pairs, its
+        held-out accuracy (the last `evaluate()` by default) and how to load it.
+
+        Args:
+            model_name: the card's title; the output folder's name by default.
+            dataset_name: the preference dataset's id, listed in the metadata when it is a Hub id.
+            reward_funcs: the reward names that labelled self-sampled pairs (e.g. ``["shapes"]``).
+            evaluation: accuracies to tabulate instead of the last `evaluate()` metrics.
+        """
+        from huggingface_hub import ModelCard, ModelCardData
+
+        from ..hub import card_hyperparameters, is_hub_id
+
+        if not self.is_world_process_zero():
+            return
+        output_dir = self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        base = str(getattr(self.pipe, "name_or_path", None) or "")
+        if evaluation is None:
+            evaluation = next(
+                ({k: v for k, v in log.items() if k.startswith("eval_accuracy")}
+                 for log in reversed(self.state.log_history) if "eval_accuracy" in log),
+                {},
+            )
+        drm = self.accelerator.unwrap_model(self.model)
+        data = ModelCardData(
+            base_model=base if is_hub_id(base) else None,
+            library_name="flow-trl",
+            tags=list(self._tag_names),
+            datasets=[dataset_name] if dataset_name and is_hub_id(dataset_name) else None,
+        )
+        pairs = f"{len(self.train_dataset)} training pairs" if self.train_dataset is not None else "preference pairs"
+        source = (f"the `{dataset_name}` preference dataset" if dataset_name else
+                  f"the base model's own samples, labelled by {', '.join(reward_funcs or ['a reward'])}")
+        lines = [
+            f"# {model_name or Path(output_dir).name}",
+            "",
+            "A diffusion-based reward model (DRM) trained with flow-trl's `DRMTrainer`: "
+            f"the first {drm.config.num_blocks} transformer blocks of `{base or 'the generator'}` plus a "
+            "reward head. It scores latents at any noise level sigma (clean images at sigma 0), so it can guide "
+            "sampling and give Step-wise GRPO per-step advantages.",
+            "",
+            f"Trained on {pairs} from {source} for {self.state.global_step} steps with the "
+            f"{self.args.loss_type} loss.",
+        ]
+        if evaluation:
+            lines += ["", "## Held-out pairwise accuracy", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in evaluation.items()]
+        lines += ["", "## Usage", "", "```python", "from flow_trl.drm import DiffusionRewardModel, DRMReward", "",
+                  f'drm = DiffusionRewardModel.from_pretrained("{Path(output_dir).name}")',
+                  "reward = DRMReward(drm, pipe)  # pipe: the base pipeline; reward(prompts=..., images=...)", "```",
+                  "", "## Hyperparameters", "", "| name | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in card_hyperparameters(self.args).items()]
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+        card.save(os.path.join(output_dir, "README.md"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file

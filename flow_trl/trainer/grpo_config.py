@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..advantages import ADVANTAGE_STDS
 from .base_config import FlowRLConfig
 
 
@@ -24,7 +25,15 @@ class DanceGRPOConfig(FlowRLConfig):
         The stochastic step of rollouts and of the policy's log-prob: `"dance"` (DanceGRPO), `"flow"` (Flow-GRPO) or
         `"cps"` (coefficients-preserving); the long names `"dance_sde"`/`"flow_sde"` are accepted.
     noise_level (`float`, defaults to `0.3`):
-        eta of the SDE (DanceGRPO 0.3 for FLUX, Flow-GRPO 0.7). Must be positive.
+        eta of the SDE (DanceGRPO 0.3 for FLUX, Flow-GRPO 0.7): positive, and at most 1 for `"cps"` (whose std
+        `sigma_next sin(eta pi / 2)` is largest at 1 and repeats smaller values above it).
+    advantage_std (`str`, defaults to `"population"`):
+        The std of `scale_rewards="group"`/`"batch"`: `"population"`, `(r - mean) / (std + 1e-4)` with the population
+        std (Flow-GRPO's numpy, TRL, every other flow_trl trainer), or `"unbiased"`, `(r - mean) / (std + 1e-8)` with
+        torch's unbiased std (DanceGRPO's code: advantages `sqrt((G - 1) / G)` times the population ones, 0.94 for
+        G = 8). `"population"` is the default so that `scale_rewards` means the same for every trainer, and because
+        its larger eps keeps groups of near-equal rewards (differences below about 1e-4) from being blown up to
+        advantages of order 1; set `"unbiased"` to reproduce DanceGRPO. SLAS keeps its batch population std.
     clip_range (`float`, defaults to `1e-4`):
         PPO clip of the per-step ratio `exp(logp - logp_old)` (log-probs are means over dimensions, which sets this
         scale).
@@ -46,12 +55,16 @@ class DanceGRPOConfig(FlowRLConfig):
 
     > [!NOTE]
     > Defaults that differ from [`FlowRLConfig`], following DanceGRPO: `guidance_scale=1.0` (no CFG), `beta=0.0`
-    > (no KL), `scale_rewards="group"` (per-group std, as DanceGRPO; SLAS uses the batch std).
+    > (no KL), `scale_rewards="group"` (per-group std, as DanceGRPO; SLAS uses the batch std); and
+    > `disable_dropout=True`, so that the first replay of a rollout has a ratio of exactly 1 (as TRL's `GRPOConfig`).
     """
 
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of rollouts and training (1.0: none)."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Zero every dropout of the policy so replayed log-probs match the rollout's."}
+    )
     sde_type: str = field(default="dance", metadata={"help": "Rollout SDE: 'dance', 'flow' or 'cps'."})
-    noise_level: float = field(default=0.3, metadata={"help": "eta of the SDE (positive)."})
+    noise_level: float = field(default=0.3, metadata={"help": "eta of the SDE: > 0; at most 1 for 'cps'."})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step log-prob ratio."})
     timestep_fraction: float = field(
         default=0.6, metadata={"help": "Fraction of each sample's stochastic transitions trained (never the last)."}
@@ -63,17 +76,17 @@ class DanceGRPOConfig(FlowRLConfig):
         default=None, metadata={"help": "SLAS: adapt slas_gamma to keep approx_kl near this target (unset: fixed)."}
     )
     kl_type: str = field(default="sde_mean", metadata={"help": "KL form with beta > 0: 'sde_mean' or 'velocity'."})
+    advantage_std: str = field(
+        default="population",
+        metadata={"help": "Advantage std: 'population' (+ 1e-4; Flow-GRPO, TRL; the default, as every flow_trl "
+                  "trainer) or 'unbiased' (+ 1e-8; DanceGRPO's code)."},
+    )
 
     def __post_init__(self):
         self.sde_type = SDE_ALIASES.get(self.sde_type, self.sde_type)
         super().__post_init__()
         if self.sde_type == "ode":
             raise ValueError("GRPO needs a stochastic policy: sde_type must be 'dance', 'flow' or 'cps', not 'ode'.")
-        if self.noise_level <= 0:
-            raise ValueError(
-                f"noise_level (eta) must be positive for the {self.sde_type!r} step, whose log-prob needs noise; "
-                f"got {self.noise_level}."
-            )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
         if self.clip_range <= 0:
@@ -82,6 +95,8 @@ class DanceGRPOConfig(FlowRLConfig):
             raise ValueError("slas_target_kl must be positive and needs advantage_shaping='slas'.")
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"kl_type must be one of {KL_TYPES}; got {self.kl_type!r}.")
+        if self.advantage_std not in ADVANTAGE_STDS:
+            raise ValueError(f"advantage_std must be one of {tuple(ADVANTAGE_STDS)}; got {self.advantage_std!r}.")
         if self.same_initial_noise and (self.per_device_train_batch_size * self.steps_per_generation) % (
             self.num_generations
         ):

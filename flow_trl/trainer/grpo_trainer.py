@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..advantages import adapt_slas_gamma
+from ..advantages import ADVANTAGE_STDS, adapt_slas_gamma, clip_advantages, group_advantages
 from ..sampling import StepOutput, step
 from .base_trainer import FlowRLTrainer
 from .grpo_config import DanceGRPOConfig
@@ -138,6 +138,15 @@ class DanceGRPOTrainer(FlowRLTrainer):
         if "slas_gamma" in state:
             self.args.slas_gamma = state["slas_gamma"]
             self._approx_kls = tuple(state["approx_kls"])
+
+    def compute_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """As [`FlowRLTrainer`], with the std convention `advantage_std` (SLAS keeps its batch population std)."""
+        args = self.args
+        if args.advantage_shaping == "slas":
+            return super().compute_advantages(rewards)
+        advantages = group_advantages(rewards, args.num_generations, args.scale_rewards,
+                                      **ADVANTAGE_STDS[args.advantage_std])
+        return clip_advantages(advantages, args.advantage_clip)
 
     def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         """With `same_initial_noise`, one noise per group (groups are contiguous and whole on each process)."""

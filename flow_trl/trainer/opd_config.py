@@ -54,7 +54,8 @@ class FlowOPDConfig(DanceGRPOConfig):
         Scale of the per-step KL reward (Flow-OPD's `-kl_scale`, 1).
     filter_constant_reward_groups (`bool`, defaults to `False`):
         Drop (zero the loss of) groups whose task reward is constant, as Flow-OPD's code does in every mode. Off by
-        default: the KL signal of such groups is valid. Needs whole groups on each process.
+        default: the KL signal of such groups is valid. The groups are judged on the rewards of all processes, so a
+        group may straddle two; `"gkd"` averages its loss over the kept samples only.
     cold_start (`str`, defaults to `"none"`):
         `"merge"`: the student's adapter starts as the element-wise mean of the teachers' LoRA factors
         (`flow_trl.lora.merge_lora_adapters`, Flow-OPD's merge cold start); `"none"`: the usual fresh LoRA.
@@ -64,11 +65,12 @@ class FlowOPDConfig(DanceGRPOConfig):
 
     > [!NOTE]
     > Defaults that differ from [`DanceGRPOConfig`], following Flow-OPD: `sde_type="flow"`, `noise_level=0.7`,
-    > `timestep_fraction=0.99`, `mar_coef=0.04`.
+    > `timestep_fraction=0.99`, `mar_coef=0.04`. `advantage_std` stays `"population"` (std + 1e-4), the convention of
+    > Flow-GRPO, on whose code Flow-OPD is built; it matters only for `opd_mode="mixed"`'s task advantage.
     """
 
     sde_type: str = field(default="flow", metadata={"help": "Rollout SDE: 'dance', 'flow' or 'cps'."})
-    noise_level: float = field(default=0.7, metadata={"help": "eta of the SDE (positive)."})
+    noise_level: float = field(default=0.7, metadata={"help": "eta of the SDE: > 0; at most 1 for 'cps'."})
     timestep_fraction: float = field(
         default=0.99, metadata={"help": "Fraction of each sample's stochastic transitions trained (never the last)."}
     )
@@ -103,11 +105,3 @@ class FlowOPDConfig(DanceGRPOConfig):
             raise ValueError("Set either cold_start='merge' or init_adapter, not both.")
         if self.teacher_kl_coef <= 0:
             raise ValueError(f"teacher_kl_coef must be positive; got {self.teacher_kl_coef}.")
-        if self.filter_constant_reward_groups and (self.per_device_train_batch_size * self.steps_per_generation) % (
-            self.num_generations
-        ):
-            raise ValueError(
-                "filter_constant_reward_groups needs whole groups on each process: per_device_train_batch_size x "
-                f"steps_per_generation ({self.per_device_train_batch_size} x {self.steps_per_generation}) must be "
-                f"divisible by num_generations ({self.num_generations})."
-            )

@@ -26,11 +26,33 @@ def opd_advantages(
     return advantages.clamp(-clip, clip) if clip is not None else advantages
 
 
-def constant_group_mask(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """`[N]` 1.0 for samples of groups whose rewards differ, 0.0 for groups with one constant reward."""
+def constant_group_mask(
+    rewards: torch.Tensor, num_generations: int, process_index: int = 0, num_processes: int = 1
+) -> torch.Tensor:
+    """One process's rows of the mask that is 1.0 for samples of groups whose rewards differ, 0.0 for groups with one
+    constant reward.
+
+    `rewards` `[N]` are the rewards of all processes, gathered in process order (contiguous groups of
+    `num_generations`): a group may straddle two processes, whose rows are contiguous slices of `N / num_processes`.
+    Returns the mask of rows ``[process_index * n, (process_index + 1) * n)``, ``n = N / num_processes``.
+    """
+    if rewards.ndim != 1 or len(rewards) % num_generations or len(rewards) % num_processes:
+        raise ValueError(
+            f"rewards must be the [N] rewards of all {num_processes} processes, N a multiple of num_generations "
+            f"({num_generations}) and of the process count; got shape {tuple(rewards.shape)}."
+        )
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, {num_processes}); got {process_index}.")
     groups = rewards.view(-1, num_generations)
     varied = (groups.max(dim=1).values - groups.min(dim=1).values) > 0
-    return varied.float().repeat_interleave(num_generations)
+    n = len(rewards) // num_processes
+    return varied.float().repeat_interleave(num_generations)[process_index * n : (process_index + 1) * n]
+
+
+def gkd_loss(kl: torch.Tensor, kl_coef: float, keep: torch.Tensor) -> torch.Tensor:
+    """Flow-OPD's `"gkd"` loss, ``kl_coef`` times the mean of the per-sample KL `[B]` over the samples `keep`
+    (1.0/0.0, `[B]`) keeps: masked samples do not dilute it. 0, with zero gradient, when none is kept."""
+    return kl_coef * (kl * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
@@ -160,7 +182,10 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         inputs = super()._prepare_training_inputs(inputs, generator)
         if self.args.filter_constant_reward_groups:
-            keep = constant_group_mask(inputs["rewards"], self.args.num_generations)
+            # a process's rows need not be whole groups: mask on the rewards of all processes
+            rewards = self.accelerator.gather(inputs["rewards"])
+            keep = constant_group_mask(rewards, self.args.num_generations, self.accelerator.process_index,
+                                       self.accelerator.num_processes)
             self._log_train_metrics({"opd/kept_frac": keep.mean().item()})
             inputs = {**inputs, "keep": keep}
         return inputs
@@ -187,7 +212,7 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
         keep = inputs["keep"][t.rows] if "keep" in inputs else torch.ones_like(kl)
         metrics = {"opd/teacher_kl": kl.detach().mean().item()}
         if args.opd_mode == "gkd":
-            return args.teacher_kl_coef * (kl * keep).mean(), metrics
+            return gkd_loss(kl, args.teacher_kl_coef, keep), metrics
         task = self._transition_advantages(inputs, t.rows, t.steps) if args.opd_mode == "mixed" else None
         advantages = opd_advantages(kl, args.opd_mode, args.teacher_kl_coef, task, args.advantage_clip) * keep
         loss, ppo_metrics = grpo_clip_loss(
@@ -196,4 +221,4 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
         return loss, {**metrics, **ppo_metrics}
 
 
-__all__ = ["FlowOPDTrainer", "constant_group_mask", "opd_advantages"]
+__all__ = ["FlowOPDTrainer", "constant_group_mask", "gkd_loss", "opd_advantages"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
 
 SOFT_UPDATE_SCHEDULES = ("none", "linear", "delayed")
 
@@ -20,3 +25,22 @@ def soft_update_decay(step: int, schedule: str, max_decay: float = 0.5) -> float
     if schedule == "delayed":
         return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
     raise ValueError(f"Unknown soft-update schedule {schedule!r}; expected one of {SOFT_UPDATE_SCHEDULES}.")
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Set the probability of every dropout layer of `module` (LoRA dropout included) to 0, so that its training
+    forward computes the same function as the forward that sampled (likelihood ratios start at exactly 1)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.p = 0.0
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put `module` in eval mode (no dropout) for the block and restore its previous train/eval mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
