@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flow_trl.cli import main
+from flow_trl.cli import UsageError, main
 
 
 TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "2",
@@ -54,7 +54,7 @@ def test_unknown_config_keys_fail(tmp_path):
     config.write_text("learning_rate: 0.002\nnft_betta: 0.1\n")
     with pytest.raises(ValueError, match=r"Unknown keys in .*cfg.yaml: \['nft_betta'\]"):
         make_parser().parse_args_and_config(["--config", str(config), "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="unrecognized arguments: --nft_betta 0.1"):
         make_parser().parse_args_and_config(["--nft_betta", "0.1", "--output_dir", str(tmp_path)])
 
 

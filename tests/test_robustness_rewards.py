@@ -64,7 +64,8 @@ def test_partials_lambdas_and_remote_rewards_get_distinct_names():
 
 def test_duplicate_rewards_log_separately_and_the_model_card_lists_both(tmp_path):
     trainer = FlowNFTTrainer(
-        MODEL, args=tiny_args(tmp_path, reward_weights=[1.0, 0.5]), train_dataset=shapes_dataset("train").select(range(8)),
+        MODEL, args=tiny_args(tmp_path, reward_weights=[1.0, 0.5]),
+        train_dataset=shapes_dataset("train").select(range(8)),
         reward_funcs=[functools.partial(scaled, factor=1.0), functools.partial(scaled, factor=-1.0)],
     )
     trainer.train()

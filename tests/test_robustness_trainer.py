@@ -3,6 +3,7 @@ written before rotation and push, and checkpoints refused by the wrong trainer."
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from flow_trl.trainer.base_trainer import POLICY_STATE_FILE, TRAINER_RECORD_FILE
 
 
 MODEL = str(SHAPES_PIPELINE_DIR)
-TINY = dict(per_device_train_batch_size=4, num_generations=2, num_inference_steps=4, max_steps=1, learning_rate=1e-2,
+TINY = dict(per_device_train_batch_size=4, num_generations=2, num_inference_steps=3, max_steps=1, learning_rate=1e-2,
             logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True)
 
 
@@ -23,8 +24,10 @@ def prompts():
     return shapes_dataset("train").select(range(16))
 
 
-def nft(tmp_path, peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"), **overrides):
+def nft(tmp_path, lora=True, **overrides):
+    """A tiny NFT trainer: a LoRA (nonzero from the start), or full fine-tuning with `lora=False`."""
     args = FlowNFTConfig(output_dir=str(tmp_path / "nft"), **{**TINY, **overrides})
+    peft_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian") if lora else None
     return FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts(), peft_config=peft_config)
 
 
@@ -194,14 +197,12 @@ def test_another_algorithms_checkpoint_is_refused(tmp_path, nft_checkpoint):
 
 
 def test_lora_checkpoint_is_refused_by_full_fine_tuning(tmp_path, nft_checkpoint):
-    trainer = nft(tmp_path, peft_config=None)
+    trainer = nft(tmp_path, lora=False)
     with pytest.raises(ValueError, match="saved by a LoRA run.*pass the run's peft_config"):
         trainer._load_from_checkpoint(nft_checkpoint)
 
 
 def test_checkpoint_without_record_is_accepted_with_a_warning_and_policies_are_checked(tmp_path, nft_checkpoint):
-    import shutil
-
     old = tmp_path / "old-checkpoint"
     shutil.copytree(nft_checkpoint, old)
     (old / TRAINER_RECORD_FILE).unlink()

@@ -71,7 +71,7 @@ class RemoteReward(RewardModel):
         max_retries: retries after the first attempt.
         backoff: base wait in seconds between retries.
         columns: dataset columns sent along (JSON-serialisable, one entry per image), e.g. ``("objects",)``.
-        name: the name logged for this reward.
+        name: the name logged for this reward (repeated names get suffixes ``_1``, ``_2``, ... in the trainer).
         batch_size: images per request.
     """
 

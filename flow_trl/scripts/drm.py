@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
+from itertools import islice, zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .utils import (
     check_positive,
     check_resume_checkpoint,
     quiet_loading,
+    resume_argument,
 )
 
 
@@ -45,8 +47,8 @@ class DRMScriptArguments(ScriptArguments):
     max_prompts: int | None = field(
         default=None,
         metadata={
-            "help": "Shapes world: sample at most this many prompts of each split, evenly spread over the split's "
-            "families (all by default: 1,416 train and test images at --num_samples 4)."
+            "help": "Shapes world: sample at most this many prompts of each split, taken from its families in "
+            "turn (all by default: 1,416 train and test images at --num_samples 4)."
         },
     )
 
@@ -66,12 +68,16 @@ SHAPES_DRM_DEFAULTS: dict[str, Any] = {
 }
 
 
-def spread(rows: list, limit: int | None) -> list:
-    """At most `limit` of `rows`, evenly spaced (the shapes splits are grouped by family: every family keeps its
-    share)."""
+def spread(rows: list[dict[str, Any]], limit: int | None, column: str = "tag") -> list[dict[str, Any]]:
+    """At most `limit` of `rows`, taken from each `column` value (the shapes world's family) in turn, so that every
+    family is sampled even when the limit is small."""
     if limit is None or limit >= len(rows):
         return rows
-    return [rows[i * len(rows) // limit] for i in range(limit)]
+    groups: dict[Any, list] = {}
+    for row in rows:
+        groups.setdefault(row[column], []).append(row)
+    interleaved = (row for rank in zip_longest(*groups.values()) for row in rank if row is not None)
+    return list(islice(interleaved, limit))
 
 
 def counting_progress(reward_funcs, bar):
@@ -142,7 +148,7 @@ def main(script_args: DRMScriptArguments, training_args) -> dict[str, Any]:
     from ..trainer import DRMTrainer
 
     check_script_args(script_args)
-    check_resume_checkpoint(training_args.resume_from_checkpoint)
+    check_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before sampling
     with quiet_loading():
         pipe = load_pipeline(script_args.model or str(SHAPES_PIPELINE_DIR), training_args.model_init_kwargs)
     train_ds, eval_ds = load_pair_datasets(script_args, pipe, training_args.disable_tqdm)
@@ -153,7 +159,7 @@ def main(script_args: DRMScriptArguments, training_args) -> dict[str, Any]:
         eval_dataset=eval_ds,
         peft_config=build_peft_config(script_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     report: dict[str, Any] = {"train_pairs": len(trainer.train_dataset)}
     if eval_ds is not None:

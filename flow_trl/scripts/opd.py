@@ -120,7 +120,7 @@ class OPDTrainerScript(TrainerScript):
     def main(self, script_args: OPDScriptArguments, training_args) -> dict[str, Any]:
         from ..trainer import FlowOPDTrainer
 
-        check_resume_checkpoint(training_args.resume_from_checkpoint)  # before training any teacher
+        check_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before the teachers
         if script_args.model is None and not training_args.teachers:
             training_args.teachers = shapes_teachers(script_args, training_args)
         return run_training(FlowOPDTrainer, script_args, training_args)

@@ -168,7 +168,8 @@ class FlowTrlParser(HfArgumentParser):
         multiple = action.nargs in ("+", "*")
         if isinstance(value, list) and not multiple:
             raise UsageError(f"{path}: `{key}` takes one value, got the list {value!r}.")
-        values = [self._convert_config_value(path, key, action, v) for v in (value if isinstance(value, list) else [value])]
+        items = value if isinstance(value, list) else [value]
+        values = [self._convert_config_value(path, key, action, item) for item in items]
         return values if multiple else values[0]
 
     @staticmethod
@@ -286,18 +287,46 @@ def check_pipeline_dir(path: str | None) -> None:
                          "shipped shapes pipeline.")
 
 
-def check_resume_checkpoint(path: str | None) -> None:
-    """`--resume_from_checkpoint` must be a checkpoint folder (with `trainer_state.json`), checked before any work."""
-    if path is None:
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint`'s value for `Trainer.train`: ``true`` (any case) means the last checkpoint of
+    `output_dir`, as `True` does in Python."""
+    return True if isinstance(value, str) and value.lower() == "true" else value
+
+
+def check_resume_checkpoint(value: str | bool | None, output_dir: str) -> None:
+    """`--resume_from_checkpoint` must name a checkpoint folder (with ``trainer_state.json``), or be ``true`` with
+    one in `output_dir`: checked before any sampling."""
+    value = resume_argument(value)
+    if value is None or value is False:
         return
-    folder = Path(path)
+    if value is True:
+        if not any(Path(output_dir).glob("checkpoint-*/trainer_state.json")):
+            raise UsageError(f"--resume_from_checkpoint true: no checkpoint-<step> folder in {output_dir} to resume "
+                             "from. Pass the checkpoint folder itself, or start a new run without it.")
+        return
+    folder = Path(value)
     if not folder.is_dir():
-        raise UsageError(f"--resume_from_checkpoint {path}: no such directory. Pass a checkpoint folder, "
+        raise UsageError(f"--resume_from_checkpoint {value}: no such directory. Pass a checkpoint folder, "
                          "<output_dir>/checkpoint-<step> (saved with --save_strategy steps --save_steps N).")
     if not (folder / "trainer_state.json").is_file():
         found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
         hint = f"; it has {found}: pass one of them" if found else ""
-        raise UsageError(f"--resume_from_checkpoint {path} is not a checkpoint (no trainer_state.json){hint}.")
+        raise UsageError(f"--resume_from_checkpoint {value} is not a checkpoint (no trainer_state.json){hint}.")
+
+
+def check_run_outputs(trainer, resume: str | bool | None) -> str | bool | None:
+    """Before any sampling: the checkpoint to resume from holds what `trainer` loads, and `output_dir` holds no
+    other run's outputs (unless `--overwrite_output_dir`). Returns the checkpoint for `trainer.train`."""
+    from ..trainer.outputs import prepare_output_dir, validate_checkpoint_dir
+
+    try:
+        if resume:
+            resume = validate_checkpoint_dir(resume, trainer)
+        prepare_output_dir(trainer.args.output_dir, resume=bool(resume), overwrite=trainer.args.overwrite_output_dir,
+                           clear=False)
+    except (FileNotFoundError, NotADirectoryError, FileExistsError) as err:
+        raise UsageError(str(err)) from None
+    return resume
 
 
 def build_peft_config(script_args: ScriptArguments):
@@ -391,13 +420,14 @@ def run_training(trainer_class, script_args: ScriptArguments, training_args, tra
     ``{"before", "after"}`` shapes metrics (shapes world only) and the trainer's ``log_history``.
     """
     shapes = script_args.model is None
-    check_resume_checkpoint(training_args.resume_from_checkpoint)
+    check_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before loading
     if trainer is None:
         trainer = build_trainer(trainer_class, script_args, training_args)
+    resume = check_run_outputs(trainer, resume_argument(training_args.resume_from_checkpoint))
     report: dict[str, Any] = {}
     if shapes and trainer.is_world_process_zero():
         report["before"] = shapes_report(trainer, script_args, "before")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the log history, for curves (benchmarks/nft_log_curves.py)
     card: dict[str, Any] = {}

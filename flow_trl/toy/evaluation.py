@@ -111,7 +111,7 @@ def evaluate_pipeline(
     PNG with `grid_per_family` samples of each family, one family per row.
     """
     if grid_path is not None and grid_per_family < 1:
-        raise ValueError(f"grid_per_family must be at least 1; got {grid_per_family}. Pass grid_path=None for no grid.")
+        raise ValueError(f"grid_per_family must be at least 1; got {grid_per_family} (grid_path=None: no grid).")
     rows = evaluation_rows(num_per_family, seed)
     images = generate(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], num_inference_steps,
                       guidance_scale)

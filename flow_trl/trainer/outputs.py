@@ -11,6 +11,8 @@ import re
 import shutil
 from pathlib import Path
 
+import yaml
+from huggingface_hub.repocard import metadata_load
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
@@ -63,7 +65,7 @@ def prepare_output_dir(
     (where `clear`: the process that saves) so that the folder ends up with this run's outputs only. `FlowRLTrainer.
     train` calls it before training; a script can call it earlier to fail before any other work.
     """
-    if resume:
+    if resume or overwrite and not clear:  # nothing to refuse; the process that saves clears the folder
         return
     found = previous_run_files(output_dir)
     if not found:
@@ -75,10 +77,9 @@ def prepare_output_dir(
             "resume_from_checkpoint (a checkpoint folder, or True for the last one), pick another output_dir, or "
             "set overwrite_output_dir=True to delete those outputs and start over."
         )
-    if clear:
-        logger.warning(f"overwrite_output_dir=True: deleting the outputs of the previous run in {output_dir}: {names}.")
-        for path in found:
-            _remove(path)
+    logger.warning(f"overwrite_output_dir=True: deleting the previous run's outputs in {output_dir}: {names}.")
+    for path in found:
+        _remove(path)
 
 
 def remove_stale_weights(folder: str | os.PathLike, writes_lora: bool, writes_transformer: bool) -> None:
@@ -128,7 +129,7 @@ def validate_checkpoint_dir(checkpoint: str | os.PathLike | bool, trainer) -> st
         )
     if not path.is_dir():
         raise NotADirectoryError(
-            f"resume_from_checkpoint {checkpoint} is not a folder: pass the checkpoint-<step> folder, not a file in it."
+            f"resume_from_checkpoint {checkpoint} is not a folder: pass the checkpoint-<step> folder, not a file."
         )
     weights = LORA_WEIGHTS_NAME if trainer.is_lora else f"{TRANSFORMER_FOLDER}/"
     required = [TRAINER_STATE_NAME, weights]
@@ -157,10 +158,6 @@ def _is_flow_trl_card(path: Path) -> bool:
     """Whether `path` is a model card flow_trl wrote (its metadata has the ``flow-trl`` tag)."""
     if not path.is_file():
         return False
-    from huggingface_hub.repocard import metadata_load
-
-    import yaml
-
     try:
         metadata = metadata_load(path) or {}
     except (ValueError, yaml.YAMLError):  # front matter that is not a YAML mapping: not a card flow_trl wrote
