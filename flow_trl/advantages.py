@@ -2,9 +2,9 @@
 
 Groups are contiguous blocks of `num_generations` rewards (the prompt sampler keeps each prompt's generations
 together); pass the rewards gathered over all processes so that no group is split. Standard deviations are
-population stds (``unbiased=False``) plus 1e-4 by default, as flow_grpo (numpy) and TRL compute them; `ADVANTAGE_STDS`
-also names DanceGRPO's convention (torch's unbiased std plus 1e-8). NaN rewards (a reward function that abstains;
-also +-inf) are left out of every mean and std.
+population stds (``unbiased=False``) plus 1e-4 by default, as flow_grpo computes them (numpy); `ADVANTAGE_STDS`
+also names DanceGRPO's convention (torch's unbiased std plus 1e-8; TRL's GRPO uses the unbiased std too, with 1e-4).
+NaN rewards (a reward function that abstains; also +-inf) are left out of every mean and std.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 SCALES = ("group", "batch", "none")
 # std conventions of the group advantage, as `group_advantages` keyword arguments: "population" (1/N, + 1e-4:
-# flow_grpo, TRL, every flow_trl trainer) and "unbiased" (1/(N - 1), + 1e-8: DanceGRPO's code)
+# flow_grpo's numpy, every flow_trl trainer) and "unbiased" (1/(N - 1), + 1e-8: DanceGRPO's code)
 ADVANTAGE_STDS: dict[str, dict[str, bool | float]] = {
     "population": {"unbiased": False, "eps": 1e-4},
     "unbiased": {"unbiased": True, "eps": 1e-8},
@@ -84,7 +84,8 @@ STEP_ADVANTAGE_MODES = ("score", "gain")
 
 
 def step_advantages(scores_after: Tensor, num_generations: int, mode: str = "score",
-                    scores_before: Tensor | None = None, scale: str = "group", eps: float = 1e-4) -> Tensor:
+                    scores_before: Tensor | None = None, scale: str = "group", eps: float = 1e-4,
+                    unbiased: bool = False) -> Tensor:
     """Per-step group-relative advantages from a step scorer (Step-GRPO, reference/algorithms.md 8.3).
 
     Every step ``j`` is normalised on its own, within each group (`group_advantages` per column):
@@ -97,7 +98,8 @@ def step_advantages(scores_after: Tensor, num_generations: int, mode: str = "sco
         num_generations (`int`): group size G (groups are contiguous blocks of rows).
         mode (`str`, defaults to `"score"`): one of `STEP_ADVANTAGE_MODES`.
         scores_before (`Tensor`, *optional*): `[N, S]` scores of the states before each step (needed by `"gain"`).
-        scale (`str`, defaults to `"group"`), eps (`float`, defaults to `1e-4`): as in `group_advantages`.
+        scale (`str`, defaults to `"group"`), eps (`float`, defaults to `1e-4`), unbiased (`bool`, defaults to
+            `False`): as in `group_advantages`.
 
     Returns:
         `Tensor`: `[N, S]` fp32 advantages.
@@ -110,7 +112,8 @@ def step_advantages(scores_after: Tensor, num_generations: int, mode: str = "sco
         if scores_before is None or scores_before.shape != scores_after.shape:
             raise ValueError("mode='gain' needs scores_before with the shape of scores_after.")
         scores_after = scores_after - scores_before
-    columns = [group_advantages(scores_after[:, j], num_generations, scale, eps) for j in range(scores_after.shape[1])]
+    columns = [group_advantages(scores_after[:, j], num_generations, scale, eps, unbiased)
+               for j in range(scores_after.shape[1])]
     return torch.stack(columns, dim=1)
 
 

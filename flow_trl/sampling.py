@@ -204,6 +204,7 @@ def step(
     """
     if step_type not in STEP_TYPES:
         raise ValueError(f"Unknown step_type {step_type!r}; valid step types are {STEP_TYPES}.")
+    check_noise_level(step_type, noise_level)
     if velocity.shape != latents.shape:
         raise ValueError(f"velocity shape {tuple(velocity.shape)} must equal latents shape {tuple(latents.shape)}.")
     if prev_sample is not None and prev_sample.shape != latents.shape:

@@ -156,3 +156,15 @@ def test_resume_restores_the_adapted_slas_gamma(tmp_path):
     assert resumed_gamma == pytest.approx(full_gamma)  # not restarted from the config's 1.0
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_timestep_fraction_counts_the_sampling_steps_as_flow_grpo(tmp_path):
+    """0.99 of 4 sampling steps trains the 3 recorded transitions (all but the final one), 0.5 trains 2 of them."""
+    trainer = DanceGRPOTrainer(MODEL, args=grpo_config(tmp_path), reward_funcs="shapes",
+                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+    inputs = {"log_probs": torch.zeros(4, 3)}
+    for fraction, expected in [(0.99, 3), (0.5, 2), (0.1, 1)]:
+        trainer.args.timestep_fraction = fraction
+        steps = trainer._prepare_training_inputs(inputs, torch.Generator().manual_seed(0))["train_steps"]
+        assert steps.shape == (4, expected)
+        assert all(len(set(row.tolist())) == expected for row in steps)  # distinct transitions per sample

@@ -21,8 +21,9 @@ from flow_trl import (
     preference,
 )
 from flow_trl.advantages import ADVANTAGE_STDS, group_advantages
+from flow_trl.drm.sampling import stepwise_sample
 from flow_trl.preference import encode_preference_dataset, load_image
-from flow_trl.sampling import NOISE_LEVEL_RANGES, step
+from flow_trl.sampling import NOISE_LEVEL_RANGES, sigma_grid, step
 from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
 from flow_trl.trainer.opd_trainer import constant_group_mask, gkd_loss
 
@@ -67,15 +68,18 @@ def test_noise_level_checks_reach_every_config_and_ignore_ode(tmp_path):
     assert set(NOISE_LEVEL_RANGES) == {"flow_sde", "dance_sde", "cps"}
 
 
-def test_cps_noise_levels_above_one_repeat_smaller_ones():
-    """Why CPS stops at 1: its std sigma_next sin(eta pi / 2) and mean for eta = 1.5 equal those of eta = 0.5, and at
-    eta = 3 the std is negative."""
+def test_the_step_functions_refuse_noise_levels_outside_their_range():
+    """`step` itself (and so every rollout and step-wise sampler) refuses what the configs refuse: CPS at eta = 1.5
+    would silently act as eta = 0.5 (its std sigma_next sin(eta pi / 2) is the same), at 3.0 its std is negative."""
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
-    low, high = step("cps", x, v, 0.6, 0.4, 0.5), step("cps", x, v, 0.6, 0.4, 1.5)
-    torch.testing.assert_close(high.std, low.std)
-    torch.testing.assert_close(high.mean, low.mean)
-    assert 0.4 * math.sin(3.0 * math.pi / 2) < 0
+    assert math.isclose(0.4 * math.sin(1.5 * math.pi / 2), 0.4 * math.sin(0.5 * math.pi / 2))
+    assert step("cps", x, v, 0.6, 0.4, 1.0).log_prob is not None
+    for step_type, eta in [("cps", 1.5), ("cps", 3.0), ("flow_sde", -0.1), ("dance_sde", float("nan"))]:
+        with pytest.raises(ValueError, match=f"for the '{step_type}' step"):
+            step(step_type, x, v, 0.6, 0.4, eta)
+    with pytest.raises(ValueError, match="at most 1 for the 'cps' step"):
+        stepwise_sample(lambda x, s: x, None, x, sigma_grid(4), step_type="cps", noise_level=1.5)
 
 
 # ---- advantage std conventions -------------------------------------------------------------------------------------
@@ -236,3 +240,25 @@ def test_identical_preference_pairs_warn_once(tmp_path):
     with CaptureLogger(preference.logger) as captured:
         encode_preference_dataset(data.select([0, 3]), lambda images: images, 8)
     assert "identical" not in captured.out
+
+
+def test_sd3_timesteps_reach_a_bf16_transformer_in_fp32():
+    """A bf16 transformer gets t = 1000 sigma in fp32 (as StableDiffusion3Pipeline passes it): cast to bf16,
+    818.2 would become 820 and the LoRA would train at other times than it is sampled at by diffusers."""
+    from flow_trl.models import get_adapter
+    from flow_trl.toy import load_shapes_pipeline
+
+    pipe = load_shapes_pipeline(torch_dtype=torch.bfloat16)
+    adapter = get_adapter(pipe)
+    seen = {}
+
+    def transformer(**kwargs):
+        seen.update(kwargs)
+        return (kwargs["hidden_states"],)
+
+    cond = adapter.encode_prompts(["a red circle"])
+    latents = torch.zeros(1, *adapter.latent_shape(adapter.default_resolution, adapter.default_resolution))
+    adapter.predict(transformer, latents, torch.tensor([0.8182]), cond)
+    assert seen["timestep"].dtype == torch.float32
+    torch.testing.assert_close(seen["timestep"], torch.tensor([818.2]))
+    assert seen["hidden_states"].dtype == torch.bfloat16

@@ -165,7 +165,7 @@ class DiffusionRewardModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         dtype = self.dtype
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
         hidden = self.pos_embed(latents.to(dtype)).contiguous()
-        temb = self.time_text_embed((sigma * 1000).to(dtype), cond["pooled_projections"].to(dtype))
+        temb = self.time_text_embed(sigma * 1000, cond["pooled_projections"].to(dtype))  # fp32 t, as the pipeline
         context = self.context_embedder(cond["prompt_embeds"].to(dtype))
         for block in self.transformer_blocks:
             context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..models import get_adapter
-from ..sampling import sigma_grid, step
+from ..sampling import check_noise_level, sigma_grid, step
 
 
 @dataclass
@@ -55,7 +55,7 @@ def stepwise_sample(
         sigmas (`Tensor`): grid `[N + 1]` from `sigma_grid`.
         num_branches (`int`, defaults to `4`): K SDE branches per step; K = 1 is plain SDE sampling.
         step_type (`str`, defaults to `"dance_sde"`): the stochastic step (see `flow_trl.sampling.step`).
-        noise_level (`float`, defaults to `0.7`): its eta (positive).
+        noise_level (`float`, defaults to `0.7`): its eta (`flow_trl.sampling.NOISE_LEVEL_RANGES`).
         generator (`torch.Generator`, *optional*): source of the branch noise.
 
     Returns:
@@ -63,8 +63,9 @@ def stepwise_sample(
     """
     if num_branches < 1:
         raise ValueError(f"num_branches must be at least 1; got {num_branches}.")
-    if step_type == "ode" or noise_level <= 0:
-        raise ValueError("Step-wise sampling branches by SDE noise: use a stochastic step_type and noise_level > 0.")
+    if step_type == "ode":
+        raise ValueError("Step-wise sampling branches by SDE noise: use a stochastic step_type, not 'ode'.")
+    check_noise_level(step_type, noise_level)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
     batch, n = latents.shape[0], len(sigmas) - 1
     rows = torch.arange(batch, device=latents.device)

@@ -54,7 +54,7 @@ class SD3Adapter(FlowModelAdapter):
             hidden_states=latents.to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             pooled_projections=cond["pooled_projections"].to(dtype),
-            timestep=(sigma.float() * 1000).to(dtype),
+            timestep=sigma.float() * 1000,  # fp32 as in StableDiffusion3Pipeline: bf16 would round t to steps of 4
             return_dict=False,
         )[0]
 

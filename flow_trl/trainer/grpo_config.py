@@ -29,7 +29,7 @@ class DanceGRPOConfig(FlowRLConfig):
         `sigma_next sin(eta pi / 2)` is largest at 1 and repeats smaller values above it).
     advantage_std (`str`, defaults to `"population"`):
         The std of `scale_rewards="group"`/`"batch"`: `"population"`, `(r - mean) / (std + 1e-4)` with the population
-        std (Flow-GRPO's numpy, TRL, every other flow_trl trainer), or `"unbiased"`, `(r - mean) / (std + 1e-8)` with
+        std (Flow-GRPO's numpy, every other flow_trl trainer), or `"unbiased"`, `(r - mean) / (std + 1e-8)` with
         torch's unbiased std (DanceGRPO's code: advantages `sqrt((G - 1) / G)` times the population ones, 0.94 for
         G = 8). `"population"` is the default so that `scale_rewards` means the same for every trainer, and because
         its larger eps keeps groups of near-equal rewards (differences below about 1e-4) from being blown up to
@@ -38,8 +38,9 @@ class DanceGRPOConfig(FlowRLConfig):
         PPO clip of the per-step ratio `exp(logp - logp_old)` (log-probs are means over dimensions, which sets this
         scale).
     timestep_fraction (`float`, defaults to `0.6`):
-        Each sample trains on a random `int(S * timestep_fraction)` (at least 1) of its S stochastic transitions; the
-        last transition (to sigma 0) is never stochastic, hence never trained.
+        Each sample trains on a random `int(num_inference_steps * timestep_fraction)` (at least 1) of its stochastic
+        transitions, counted over the sampling steps as Flow-GRPO does; the last transition (to sigma 0) is never
+        stochastic, hence never trained, so 0.99 of 10 steps trains the other 9.
     same_initial_noise (`bool`, defaults to `False`):
         All images of a group start from the same initial noise (DanceGRPO's `init_same_noise`); they then differ
         only by the SDE noise. Needs whole groups on each process (`per_device_train_batch_size *
@@ -67,7 +68,7 @@ class DanceGRPOConfig(FlowRLConfig):
     noise_level: float = field(default=0.3, metadata={"help": "eta of the SDE: > 0; at most 1 for 'cps'."})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step log-prob ratio."})
     timestep_fraction: float = field(
-        default=0.6, metadata={"help": "Fraction of each sample's stochastic transitions trained (never the last)."}
+        default=0.6, metadata={"help": "Transitions trained per sample: int(num_inference_steps x this), never the last one."}
     )
     same_initial_noise: bool = field(
         default=False, metadata={"help": "One initial noise per group (DanceGRPO's init_same_noise)."}
@@ -78,7 +79,7 @@ class DanceGRPOConfig(FlowRLConfig):
     kl_type: str = field(default="sde_mean", metadata={"help": "KL form with beta > 0: 'sde_mean' or 'velocity'."})
     advantage_std: str = field(
         default="population",
-        metadata={"help": "Advantage std: 'population' (+ 1e-4; Flow-GRPO, TRL; the default, as every flow_trl "
+        metadata={"help": "Advantage std: 'population' (+ 1e-4; Flow-GRPO; the default, as every flow_trl "
                   "trainer) or 'unbiased' (+ 1e-8; DanceGRPO's code)."},
     )
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..advantages import advantage_stats, clip_advantages, mix_advantages, step_advantages
+from ..advantages import ADVANTAGE_STDS, advantage_stats, clip_advantages, mix_advantages, step_advantages
 from ..drm.model import DiffusionRewardModel
 from ..drm.reward import DRMReward
 from .grpo_trainer import DanceGRPOTrainer
@@ -115,7 +115,9 @@ class StepGRPOTrainer(DanceGRPOTrainer):
         all_after = self.accelerator.gather(after).cpu()
         all_before = self.accelerator.gather(before).cpu() if before is not None else None
         per_step = self._local_rows(
-            step_advantages(all_after, args.num_generations, args.step_advantage, all_before, args.scale_rewards), n
+            step_advantages(all_after, args.num_generations, args.step_advantage, all_before, args.scale_rewards,
+                            **ADVANTAGE_STDS[args.advantage_std]),
+            n,
         )
         advantages = mix_advantages(per_step, inputs["advantages"].cpu(), args.terminal_reward_weight)
         advantages = clip_advantages(advantages, args.advantage_clip)
