@@ -86,7 +86,7 @@ STEP_ADVANTAGE_MODES = ("score", "gain")
 def step_advantages(scores_after: Tensor, num_generations: int, mode: str = "score",
                     scores_before: Tensor | None = None, scale: str = "group", eps: float = 1e-4,
                     unbiased: bool = False) -> Tensor:
-    """Per-step group-relative advantages from a step scorer (Step-GRPO, reference/algorithms.md 8.3).
+    """Per-step group-relative advantages from a step scorer (Step-GRPO, docs/algorithms.md#step-advantages).
 
     Every step ``j`` is normalised on its own, within each group (`group_advantages` per column):
 
@@ -130,7 +130,8 @@ SLAS_ORDERS = ("normalize_then_shape", "shape_then_normalize")
 
 
 def shape_advantages(adv: Tensor, gamma: float) -> Tensor:
-    """Super-linear advantage shaping (SLAS, papers/slas.md eq. 20): ``sign(A) |A|^(1 + gamma)``.
+    """Super-linear advantage shaping (SLAS, eq. 20 of its paper; docs/algorithms.md#slas):
+    ``sign(A) |A|^(1 + gamma)``.
 
     ``gamma = 0`` is the identity; ``gamma > 0`` amplifies large advantages and shrinks those below 1 in magnitude
     (e.g. gamma = 1: [-2, -0.5, 0.5, 2] -> [-4, -0.25, 0.25, 4]).
@@ -160,7 +161,8 @@ def slas_advantages(rewards: Tensor, num_generations: int, gamma: float, order: 
 
 def adapt_slas_gamma(gamma: float, approx_kl: float, target_kl: float, factor: float = 1.1,
                      max_gamma: float = 4.0) -> float:
-    """One step of a KL-targeted SLAS exponent (papers/slas.md appendix E: gamma is bounded by a trust region).
+    """One step of a KL-targeted SLAS exponent (gamma bounded by a trust region: the SLAS paper's appendix E,
+    docs/algorithms.md#slas).
 
     If the policy moved less than ``target_kl / 1.5`` since the last rollout, amplify (``gamma * factor``, or 0.05 from
     0); if more than ``1.5 target_kl``, shrink (``gamma / factor``); otherwise keep it. Clamped to

@@ -1,4 +1,4 @@
-"""NormGuard's diagnostics (papers/normguard.md section 3): norm-inflation profiles, inference-time velocity
+"""NormGuard's diagnostics (docs/algorithms.md#norm-diagnostics): norm-inflation profiles, inference-time velocity
 renormalisation, and the adjoint norm-scaling sensitivity S(t).
 
 Everything works on *velocity functions* ``fn(x, sigma) -> v`` (conditioning and CFG baked in), so the same code

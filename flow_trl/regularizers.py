@@ -38,11 +38,11 @@ def velocity_norm_ratio(v: Tensor, v_ref: Tensor) -> Tensor:
 
 
 def norm_guard(v: Tensor, v_ref: Tensor, coef: float) -> tuple[Tensor, dict[str, float]]:
-    """NormGuard: a one-sided hinge on the policy's velocity norm above the reference's (papers/normguard.md).
+    """NormGuard: a one-sided hinge on the policy's velocity norm above the reference's (docs/algorithms.md#normguard).
 
     ``R = coef * mean_b max(0, (|v_b|^2 - |v_ref,b|^2) / |v_ref,b|^2)`` with ``|.|^2`` the squared L2 norm of one
     sample's whole velocity (all non-batch dims). This is the paper's eq. 7 for one sampled ``(x_t, t, c)`` and its
-    batch average (eq. 8) — per sample, not per token or per pixel, as in DESIGN.md. While active, its gradient
+    batch average (eq. 8) — per sample, not per token or per pixel,. While active, its gradient
     w.r.t. ``v_b`` is ``2 coef v_b / (B |v_ref,b|^2)``: parallel to ``v_b``, so it only shrinks the norm and leaves
     the direction alone; inactive samples get no gradient. `v_ref` is detached (the paper's reference is frozen);
     ``|v_ref|^2`` is bounded below by 1e-12 only to guard an all-zero reference against division by zero. The paper

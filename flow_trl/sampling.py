@@ -4,7 +4,7 @@ Conventions (SD3/FLUX rectified flow): ``x_sigma = (1 - sigma) x0 + sigma * nois
 is pure noise, the model predicts ``v ~ noise - x0`` and the Euler ODE step is ``x' = x + (sigma' - sigma) v`` with
 ``sigma' < sigma``. The velocity comes from a callable, so nothing here depends on a model family.
 
-Three conventions shared with the reference implementations (reference/algorithms.md 1.1 and 10):
+Three conventions shared with the reference implementations (docs/algorithms.md#log-probs, #precision):
 
 - **Log-probs are means over the non-batch dimensions**, not sums. PPO ratios are therefore per-dimension ratios,
   which is why Flow-GRPO's clip range is as small as 1e-4. Changing this would silently change every clip range.
@@ -169,7 +169,8 @@ def step(
 ) -> StepOutput:
     """One transition ``x_sigma -> x_sigma_next``: Euler (`"ode"`) or a Gaussian policy step with its log-prob.
 
-    Stochastic steps (reference/algorithms.md 1.1), with ``dt = sigma_next - sigma < 0`` and ``eta = noise_level``:
+    Stochastic steps (docs/algorithms.md#step-functions), with ``dt = sigma_next - sigma < 0`` and
+    ``eta = noise_level``:
 
     - `"flow_sde"` (Flow-GRPO): ``s_t = eta sqrt(sigma / (1 - sigma))`` (`sigma_max` replaces sigma in the
       denominator where sigma == 1), ``std = s_t sqrt(-dt)`` and

@@ -350,6 +350,8 @@ def test_latents_pack_and_encode_in_the_pipeline_layout(pipes, family):
     assert decoded.shape == images.shape and 0 <= decoded.min() and decoded.max() <= 1
     with pytest.raises(ValueError, match="multiples of 4"):
         adapter.latent_shape(18, 18)
+    with pytest.raises(ValueError, match="positive multiples of 4"):  # -16 % 4 == 0, but no image is -16 px tall
+        adapter.latent_shape(-16, 16)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

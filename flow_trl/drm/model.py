@@ -1,6 +1,6 @@
 """`DiffusionRewardModel`: the first K blocks of an SD3 flow transformer plus a light scalar reward head.
 
-The DRM (papers/drm_summary.md; reference/algorithms.md section 8) scores a latent ``x_sigma`` at any noise level
+The DRM (docs/algorithms.md#drm) scores a latent ``x_sigma`` at any noise level
 ``sigma`` (0 = clean) for a prompt. Documented by the paper: the backbone is the generator's own DiT, truncated and
 initialised from it, conditioned on the timestep and the text; a light head (per-token MLP, reshape, spatial
 aggregation) gives one scalar. Ours (no code is public):

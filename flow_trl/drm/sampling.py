@@ -1,9 +1,9 @@
 """Step-wise sampling (training-free): at each step one policy forward, K SDE branches, the DRM keeps the best.
 
 The step rule is the paper's ("at each denoising step we explore multiple SDE branches and let DRM greedily steer
-the trajectory"); ours (reference/algorithms.md 8.3): the K branches share one velocity and differ only by their SDE
-noise, ``x^(k) = mean + std z_k``; each is scored at its next noise level ``sigma_{j+1}``; the last step (to sigma 0)
-is a plain ODE step. Cost per image: N generator forwards (as plain sampling) plus ``K (N - 1)`` DRM forwards.
+the trajectory"); ours (docs/algorithms.md#stepwise-sampling): the K branches share one velocity and differ only by
+their SDE noise, ``x^(k) = mean + std z_k``; each is scored at its next noise level ``sigma_{j+1}``; the last step (to
+sigma 0) is a plain ODE step. Cost per image: N generator forwards (as plain sampling) plus ``K (N - 1)`` DRM forwards.
 """
 
 from __future__ import annotations

@@ -37,11 +37,8 @@ class PackedLatentAdapter(FlowModelAdapter):
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         """VAE latent height and width (before 2x2 packing) of an image, validating its size."""
-        factor = self.pipe.vae_scale_factor * 2
-        if height % factor or width % factor:
-            raise ValueError(
-                f"Height and width must be multiples of {factor} for this pipeline; got {height}x{width}."
-            )
+        f = self.pipe.vae_scale_factor
+        self.check_image_size(height, width, f * 2, f"VAE downsampling {f} x 2x2 packing")
         return height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:

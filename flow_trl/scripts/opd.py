@@ -55,6 +55,7 @@ TEACHER_SHARED_FIELDS = (
     "guidance_scale",
     "seed",
     "resolution",
+    "dataloader_pin_memory",
 )
 
 

@@ -11,7 +11,7 @@ colour segmentation:
    intersection-over-union, if that IoU reaches :data:`MIN_SHAPE_IOU` and the box is roughly square; otherwise
    the object has no shape and matches no clause.
 
-Scores follow GenEval's training reward (``algorithms.md`` §1.4):
+Scores follow GenEval's training reward (docs/algorithms.md#geneval-score):
 
 - ``score``: the mean of the clause credits. Each object clause ``(shape, colour, count)`` earns a count credit
   ``max(0, 1 - |count - found| / count)`` where ``found`` counts detections of that shape in any colour; a clause

@@ -17,7 +17,7 @@ from .mixins import NormGuardMixin
 from .utils import eval_mode
 
 
-_GHUBER_EPS = 1e-10  # mse^p has an infinite slope at 0 (algorithms.md 5, pitfall c)
+_GHUBER_EPS = 1e-10  # mse^p has an infinite slope at 0 (docs/algorithms.md#awm)
 
 
 def flow_matching_log_likelihood(
@@ -43,7 +43,7 @@ def awm_loss(
     clip_range: float = 1.0,
     old_log_likelihood: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """AWM's policy loss (algorithms.md section 5), a pure function.
+    """AWM's policy loss (docs/algorithms.md#awm), a pure function.
 
     ``mse = mean_dims (v_theta - target)^2`` in fp64, ``l = flow_matching_log_likelihood(mse, ...)``;
     ``ratio = exp(l - l_old)`` with the sampling policy's `old_log_likelihood`, or on-policy ``exp(l - sg(l))``,

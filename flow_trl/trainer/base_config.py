@@ -85,7 +85,7 @@ class FlowRLConfig(TrainingArguments):
         Advantage normalisation: `(r - group mean) / (std + 1e-4)` with the group's std (`"group"`), the std of the
         whole rollout (`"batch"`, flow_grpo's `global_std`), or no division (`"none"`).
     advantage_shaping (`str`, defaults to `"none"`):
-        `"slas"`: Super-Linear Advantage Shaping (papers/slas.md): `delta r = r - group mean`, batch-level std
+        `"slas"`: Super-Linear Advantage Shaping (docs/algorithms.md#slas): `delta r = r - group mean`, batch-level std
         normalisation (whatever `scale_rewards` says), then `sign(A) |A|^(1 + slas_gamma)`. See docs/grpo.md.
     slas_gamma (`float`, defaults to `1.0`):
         SLAS exponent gamma >= 0 (0: batch-std advantages, no shaping). The paper does not state its value.

@@ -27,7 +27,7 @@ def diffusion_dpo_loss(
     beta: float,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Diffusion-DPO's loss (algorithms.md section 6), a pure function.
+    """Diffusion-DPO's loss (docs/algorithms.md#dpo), a pure function.
 
     The implicit rewards are ``-0.5 beta (mse - ref_mse)`` for the chosen (winner) and rejected (loser) samples;
     ``loss = mean -log sigmoid(chosen - rejected)`` over the valid pairs. Metrics follow TRL's DPOTrainer:

@@ -17,7 +17,7 @@ class DRMConfig(TrainingArguments):
     Configuration of [`DRMTrainer`] (a [`~transformers.TrainingArguments`] subclass, like TRL's `RewardConfig`).
 
     Every pair is noised with one shared sigma and one shared noise, ``x_sigma = (1 - sigma) x0 + sigma eps``, and
-    both latents are scored at that sigma (reference/algorithms.md 8.3, ours after DiNa-LRM).
+    both latents are scored at that sigma (ours after DiNa-LRM, docs/algorithms.md#drm-training).
 
     num_blocks (`int`, defaults to `2`):
         Transformer blocks of the generator kept as the DRM backbone (K), when the trainer builds the DRM; at most the

@@ -86,7 +86,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class DRMTrainer(Trainer):
-    """Trainer of a diffusion-based reward model (DRM, [papers/drm_summary.md]) on preference pairs.
+    """Trainer of a diffusion-based reward model (DRM, docs/algorithms.md#drm-training) on preference pairs.
 
     Example:
 

@@ -1,7 +1,7 @@
 """`ParameterEMA`: an exponential moving average of the trained weights, for evaluation and the saved model.
 
 Not a policy: no algorithm samples or regularizes with it (NFT's "old" policy and AWM's "ema" adapter are separate
-things, algorithms.md, "naming").
+things: docs/algorithms.md#soft-updates and #weight-ema).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ class DanceGRPOConfig(FlowRLConfig):
     noise_level: float = field(default=0.3, metadata={"help": "eta of the SDE: > 0; at most 1 for 'cps'."})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step log-prob ratio."})
     timestep_fraction: float = field(
-        default=0.6, metadata={"help": "Transitions trained per sample: int(num_inference_steps x this), never the last one."}
+        default=0.6,
+        metadata={"help": "Transitions trained per sample: int(num_inference_steps x this), never the last one."},
     )
     same_initial_noise: bool = field(
         default=False, metadata={"help": "One initial noise per group (DanceGRPO's init_same_noise)."}

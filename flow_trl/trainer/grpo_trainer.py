@@ -156,9 +156,9 @@ class DanceGRPOTrainer(FlowRLTrainer):
         return groups.repeat_interleave(self.args.num_generations, dim=0)
 
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """Per sample: a random `int(num_inference_steps * timestep_fraction)` (at least 1, at most S) of its S recorded
-        (stochastic) transitions, the fraction counted over the sampling steps as Flow-GRPO does (0.99 of 10 steps
-        trains 9: every transition but the final one, which is never recorded)."""
+        """Per sample: a random `int(num_inference_steps * timestep_fraction)` (at least 1, at most S) of its S
+        recorded (stochastic) transitions, the fraction counted over the sampling steps as Flow-GRPO does (0.99 of 10
+        steps trains 9: every transition but the final one, which is never recorded)."""
         n, recorded = inputs["log_probs"].shape
         k = min(recorded, max(1, int(self.args.num_inference_steps * self.args.timestep_fraction)))
         train_steps = torch.stack([torch.randperm(recorded, generator=generator)[:k] for _ in range(n)])

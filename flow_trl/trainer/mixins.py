@@ -16,7 +16,8 @@ from ..regularizers import norm_guard, velocity_kl
 
 
 class NormGuardMixin:
-    """NormGuard (papers/normguard.md, eq. 7-8): a hinge on the policy's velocity norm above the reference's.
+    """NormGuard (its paper's eq. 7-8; docs/algorithms.md#normguard): a hinge on the velocity norm above the
+    reference's.
 
     ``R = norm_guard_coef * mean_b max(0, (|v|^2 - |v_ref|^2) / |v_ref|^2)``, zero while the trained velocity is
     no larger than the base model's at the same ``(x_t, sigma, c)``; its gradient only shrinks ``|v|``. Configure it

@@ -32,7 +32,7 @@ def nft_loss(
     nft_beta: float,
     loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Diffusion-NFT's policy loss (algorithms.md section 4), a pure function.
+    """Diffusion-NFT's policy loss (docs/algorithms.md#nft), a pure function.
 
     ``v+ = b v_theta + (1 - b) v_old`` and ``v- = (1 + b) v_old - b v_theta`` define x0-predictions
     ``x0± = x_t - sigma v±``; each squared error is divided by its detached mean absolute error (adaptive weighting,

@@ -32,7 +32,7 @@ def parse_teachers(teachers: dict[str, str] | list[str] | None) -> dict[str, str
 class FlowOPDConfig(DanceGRPOConfig):
     r"""
     Configuration of [`FlowOPDTrainer`] (Flow-OPD, "On-Policy Distillation for Flow Matching Models",
-    https://huggingface.co/papers/2605.08063; reference/algorithms.md section 7, docs/opd.md).
+    https://huggingface.co/papers/2605.08063; docs/algorithms.md#opd, docs/opd.md).
 
     Inherits every field of [`DanceGRPOConfig`] (the SDE of rollouts, PPO clip, timestep fraction) and of
     [`FlowRLConfig`], among them MAR: `mar_coef` (Flow-OPD's beta 0.04) and `mar_adapter` (unset: the base model).

@@ -12,7 +12,7 @@ from .grpo_config import DanceGRPOConfig
 class StepGRPOConfig(DanceGRPOConfig):
     r"""
     Configuration of [`StepGRPOTrainer`] (Step-wise GRPO of "DRM: Diffusion-based Reward Model With Step-wise
-    Guidance", arXiv 2605.25661; the advantage rules are ours, reference/algorithms.md 8.3, see docs/drm.md).
+    Guidance", arXiv 2605.25661; the advantage rules are ours, docs/algorithms.md#step-advantages).
 
     Inherits every field of [`DanceGRPOConfig`] (the SDE, PPO clip, timestep fraction, KL). Step-GRPO fields:
 
