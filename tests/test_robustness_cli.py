@@ -87,6 +87,11 @@ def test_cpu_runs_do_not_pin_memory_unless_asked(tmp_path):
     assert args.dataloader_pin_memory is torch.accelerator.is_available()
     _, args = parse_with_shapes_defaults(make_parser(), ["--dataloader_pin_memory", "true"], {})
     assert args.dataloader_pin_memory is True
+    from flow_trl import FlowNFTConfig
+    from flow_trl.trainer.drm_config import DRMConfig
+
+    for config_class in (FlowNFTConfig, DRMConfig):  # library users get the same default
+        assert config_class(output_dir=str(tmp_path)).dataloader_pin_memory is torch.accelerator.is_available()
 
 
 def write(tmp_path, text: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .base import Conditioning, FlowModelAdapter, cat_conditioning, index_conditioning
@@ -46,6 +48,23 @@ def load_pipeline(model: str | os.PathLike | Any, model_init_kwargs: dict[str, A
     return model
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' loading bars (pipeline components, weights) while models load; the
+    training progress bar is unaffected."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for module in enabled:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in enabled:
+            module.enable_progress_bar()
+
+
 __all__ = [
     "ADAPTERS",
     "Conditioning",
@@ -59,4 +78,5 @@ __all__ = [
     "get_adapter",
     "index_conditioning",
     "load_pipeline",
+    "quiet_loading",
 ]

@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,29 +240,11 @@ def quiet_start() -> None:
         logger.addFilter(_TorchvisionNoticeFilter())
 
 
-@contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Hide diffusers' and transformers' loading bars (pipeline components, weights) while models load; the
-    training progress bar is unaffected."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+def quiet_loading():
+    """`flow_trl.models.quiet_loading` (no loading bars), imported on first use: `--help` must not import torch."""
+    from ..models import quiet_loading as quiet
 
-    enabled = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
-    for module in enabled:
-        module.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for module in enabled:
-            module.enable_progress_bar()
-
-
-def runtime_defaults() -> dict[str, Any]:
-    """Defaults that depend on the machine: pin dataloader memory only when there is an accelerator to copy to
-    (`TrainingArguments` pins by default, and torch warns on every CPU run)."""
-    import torch
-
-    return {"dataloader_pin_memory": torch.accelerator.is_available()}
+    return quiet()
 
 
 def check_positive(flag: str, value: int, minimum: int = 1) -> None:
@@ -450,7 +430,7 @@ def parse_with_shapes_defaults(parser: FlowTrlParser, argv: list[str] | None, sh
     """Parse flags/YAML; the shapes-world recipe's values are the defaults when no `--model` is given."""
     argv = list(argv) if argv is not None else sys.argv[1:]
     shapes = not any(a == "--model" or a.startswith("--model=") for a in argv)
-    return parser.parse_args_and_config(argv, defaults={**runtime_defaults(), **(shapes_defaults if shapes else {})})
+    return parser.parse_args_and_config(argv, defaults=shapes_defaults if shapes else {})
 
 
 @dataclass(frozen=True)

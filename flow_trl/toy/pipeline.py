@@ -156,6 +156,8 @@ def load_shapes_pipeline(
     from diffusers import StableDiffusion3Pipeline
     from diffusers.utils import logging as diffusers_logging
 
+    from ..models import quiet_loading
+
     path = Path(path) if path is not None else SHAPES_PIPELINE_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -165,7 +167,8 @@ def load_shapes_pipeline(
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # the tiny components trigger harmless size warnings
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        with quiet_loading():  # a few MB: loading bars would only be noise
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)

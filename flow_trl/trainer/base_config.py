@@ -19,6 +19,11 @@ logger = logging.get_logger(__name__)
 
 
 SCALE_REWARDS = ("group", "batch", "none")
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, MPS, XPU...): the default of `dataloader_pin_memory`."""
+    return torch.accelerator.is_available()
 FULL_FINETUNE_PARAMS = ("all", "linear")
 
 
@@ -141,7 +146,8 @@ class FlowRLConfig(TrainingArguments):
     > on, so `accelerate launch --multi_gpu --num_processes 2 ...` trains on 2 CPU processes (see
     > docs/distributed.md).
     > Defaults that differ from `TrainingArguments`: `learning_rate=3e-4`, `weight_decay=1e-4`, `logging_steps=10`,
-    > `remove_unused_columns=False` (extra dataset columns reach the reward functions), `gradient_checkpointing`
+    > `remove_unused_columns=False` (extra dataset columns reach the reward functions), `dataloader_pin_memory` only
+    > when an accelerator exists (torch warns on every CPU run otherwise), `gradient_checkpointing`
     > is applied with diffusers' `enable_gradient_checkpointing`. Precision follows `bf16`/`fp16` only (fp32 on CPU).
     """
 
@@ -151,6 +157,10 @@ class FlowRLConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep every dataset column: extra columns are passed to reward functions."}
+    )
+    dataloader_pin_memory: bool = field(
+        default_factory=accelerator_available,
+        metadata={"help": "Pin dataloader memory; by default only when there is an accelerator to copy to."},
     )
 
     # model

@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .base_config import accelerator_available
+
 
 DRM_LOSS_TYPES = ("bradley_terry", "thurstone")
 
@@ -73,6 +75,10 @@ class DRMConfig(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every dataset column."})
+    dataloader_pin_memory: bool = field(
+        default_factory=accelerator_available,
+        metadata={"help": "Pin dataloader memory; by default only when there is an accelerator to copy to."},
+    )
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
