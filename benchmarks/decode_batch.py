@@ -1,6 +1,8 @@
 """Time the VAE decoding of one rollout's latents at several `decode_batch_size` values.
 
-    python benchmarks/decode_batch.py [--num_latents 64] [--batch_sizes 0 32 16 8 4] [--repeats 5]
+    python benchmarks/decode_batch.py --num_latents 64 --batch_sizes 0 32 16 8 4
+
+(docs/benchmarks.md, "Decoding in chunks"; `--repeats` sets the decodes timed per size, 5 by default.)
 
 Decodes `--num_latents` random latents of the embedded shapes pipeline (64x64 images) through the trainers' model
 adapter, `--repeats` times per batch size after one warm-up call (0: the whole batch in one VAE call), and prints

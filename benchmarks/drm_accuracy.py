@@ -1,6 +1,10 @@
 """Train a DRM on shapes preference pairs and measure its held-out pairwise accuracy against the noise level.
 
-    python benchmarks/drm_accuracy.py [--max_steps 1500] [--learning_rate 3e-4] [--output_dir runs/drm]
+    python benchmarks/drm_accuracy.py --output_dir runs/drm_v3
+    python benchmarks/drm_accuracy.py --output_dir runs/drm_v3_x4 --cross_prompt_samples 4
+    python benchmarks/drm_accuracy.py --output_dir runs/drm_v3_x4_k4 --pairs_dir runs/drm_v3_x4/pairs --num_blocks 4
+
+(the three rows of docs/drm.md's accuracy table: `flow-trl drm`'s recipe, cross-prompt pairs, the full depth).
 
 Pairs: the shipped base model samples every train (resp. held-out) prompt `--num_samples` times (ODE, distinct
 seeds); two samples of one prompt whose shapes scores differ by at least `--min_gap` form a pair. The DRM (first

@@ -1,6 +1,8 @@
 """How reproducible are the labels of the DRM's held-out pairs?
 
-    python benchmarks/drm_label_stability.py [--num_samples 4] [--min_gap 0.25]
+    python benchmarks/drm_label_stability.py
+
+(docs/drm.md's label-stability table; `--num_samples` and `--min_gap` default to drm_accuracy.py's 4 and 0.25.)
 
 Builds the held-out preference pairs exactly as `benchmarks/drm_accuracy.py` does (the shipped base model samples
 every held-out prompt `--num_samples` times, seeds from 10**6; two samples of a prompt whose shapes scores differ by

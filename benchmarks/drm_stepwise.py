@@ -1,6 +1,7 @@
 """Step-wise sampling (training-free): does a DRM choosing among K SDE branches at each step raise the held-out score?
 
-    python benchmarks/drm_stepwise.py --drm runs/drm/drm [--branches 1 4] [--num_per_family 24]
+    flow-trl drm                                   # the DRM, in shapes-drm/
+    python benchmarks/drm_stepwise.py --drm shapes-drm --num_per_family 48 [--branches 1 4]
 
 Samples the held-out shapes rows (`evaluation_rows`, fixed seeds for the initial noise) with the shipped base model:
 plain ODE (Euler, the default sampler), then step-wise sampling with each K in `--branches` (K = 1 is plain SDE

@@ -1,6 +1,11 @@
 """The held-out shapes score during a `flow-trl <trainer>` run, against optimizer steps and training minutes.
 
-    python benchmarks/heldout_curve.py --trainer nft --every 50 --output_dir runs/nft-curve [-- <flow-trl flags>]
+    python benchmarks/heldout_curve.py --trainer nft --every 25 --output_dir runs/nft-curve
+    OMP_NUM_THREADS=1 python benchmarks/heldout_curve.py --trainer nft --every 75 --output_dir runs/nft-s3 -- --seed 3
+    python benchmarks/heldout_curve.py --trainer <nft|awm|dpo|grpo|step_grpo> --every N [-- <flow-trl flags>]
+
+The first two produce docs/benchmarks.md's NFT tables (the curve along the README's command; one row of the
+six-seed table).
 
 Runs the command exactly as `flow-trl <trainer> <flags>` does (its shapes recipe, its before/after table) and, every
 `--every` optimizer steps, scores the current policy on the same 288 family-balanced held-out rows as that table

@@ -1,5 +1,6 @@
 """Training reward and velocity norm ratio against the step, from `flow-trl` runs' logs.
 
+    python benchmarks/nft_log_curves.py --logs shapes-nft/trainer_state.json --labels "flow-trl nft"
     flow-trl nft --output_dir runs/nft                               # also writes runs/nft/trainer_state.json
     flow-trl nft --balance_families false --output_dir runs/nft_unbalanced
     python benchmarks/nft_log_curves.py --logs runs/nft/trainer_state.json runs/nft_unbalanced/trainer_state.json \\

@@ -2,14 +2,15 @@
 
     python benchmarks/opd_shapes.py --output_dir runs/opd-bench [--teacher_steps 80] [--student_steps 100]
 
-1. Two teachers with `flow-trl nft`'s shapes recipe (the trainer that moved the held-out score most,
-   docs/benchmarks.md), each on its own families (`SHAPES_TEACHER_FAMILIES` of flow_trl/scripts/opd.py): "objects"
+1. Two teachers with `flow-trl nft`'s LoRA recipe (`SHAPES_NFT_LORA_RECIPE`: teachers must be LoRAs), each on its
+   own families (`SHAPES_TEACHER_FAMILIES` and `train_shapes_teacher` of flow_trl/scripts/opd.py): "objects"
    (single_object, two_object, counting) and "attributes" (colors, position, color_attr).
 2. The student, `flow-trl opd`'s shapes recipe (merge cold start, kl_only) on every family, routed by family to its
    teacher, with MAR (mar_coef 0.04, the base model as anchor) and without (mar_coef 0).
 3. Baselines with the student's budget (same optimizer steps, images per step and LoRA) on every family with the
    shapes reward (the shapes reward already scores every family, so it is the multi-task reward): `flow-trl nft`'s
-   and `flow-trl grpo`'s recipes (the latter is OPD's recipe with the task advantage instead of the teachers).
+   LoRA recipe and `flow-trl grpo`'s recipe (the latter is OPD's recipe with the task advantage instead of the
+   teachers).
 
 Every model is evaluated on the same held-out rows (`--eval_per_family` per family, fixed seeds, 10 Euler steps):
 per-family mean score and its standard error, paired differences student - teacher (same prompts and seeds) with
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 
-def parse_recipe(module, overrides: dict[str, Any]):
-    """(script_args, training_args) of a `flow-trl` command's shapes recipe with `overrides`."""
-    return module.make_parser().parse_args_and_config([], defaults={**module.SCRIPT.shapes_defaults, **overrides})
+def parse_recipe(module, overrides: dict[str, Any], recipe: dict[str, Any] | None = None):
+    """(script_args, training_args) of a `flow-trl` command's shapes recipe (or `recipe`) with `overrides`."""
+    recipe = module.SCRIPT.shapes_defaults if recipe is None else recipe
+    return module.make_parser().parse_args_and_config([], defaults={**recipe, **overrides})
 
 
 def train_student(
@@ -53,7 +55,8 @@ def train_student(
     }
     if kind == "opd":
         overrides.update(teachers=teachers, mar_coef=mar_coef)
-    script_args, args = parse_recipe(module, overrides)
+    # The NFT baseline is a LoRA like the student (`flow-trl nft`'s default recipe fine-tunes the weights in full).
+    script_args, args = parse_recipe(module, overrides, nft.SHAPES_NFT_LORA_RECIPE if kind == "nft" else None)
     start = time.time()
     trainer = trainer_class(
         model=str(SHAPES_PIPELINE_DIR),

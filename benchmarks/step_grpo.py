@@ -1,15 +1,16 @@
 """Step-GRPO vs terminal-reward GRPO on the shapes world, with the same DRM as the reward, budget and seeds.
 
-    python benchmarks/step_grpo.py --drm runs/drm/drm [--seeds 0 1 2] [--max_steps 60] [--eval_steps 15]
+    flow-trl drm                                   # the DRM, in shapes-drm/
+    python benchmarks/step_grpo.py --drm shapes-drm --seeds 0 1 2 [--max_steps 60] [--eval_steps 15]
     python benchmarks/step_grpo.py --merge runs/a/results.json runs/b/results.json --plot out.png  # seeds apart
 
 Both runs are `flow-trl dance_grpo`'s shapes recipe (LoRA r16, 32 images per step, 8 per prompt, 10 steps, Dance-SDE
-eta 0.3, clip 1e-3, 40% of the transitions per sample) at `--learning_rate`. GRPO's reward is the DRM on the final
-images (terminal); Step-GRPO's advantages come from the DRM on every stored state (`--step_advantage`) and its
-terminal reward is logged only. The shapes score is a zero-weight second reward (logged, evaluated). Both are
-evaluated on the 177 held-out prompts (ODE, fixed seeds) before training and every `--eval_steps`. Reports, per seed,
-the first evaluation step at which Step-GRPO's held-out DRM score reaches GRPO's final one, and writes
-`results.json` and (with `--plot`) the curves.
+eta 0.3, clip 1e-3, `timestep_fraction` 0.4: 4 of the 9 stochastic transitions per sample) at `--learning_rate`. GRPO's
+reward is the DRM on the final images (terminal); Step-GRPO's advantages come from the DRM on every stored state
+(`--step_advantage`) and its terminal reward is logged only. The shapes score is a zero-weight second reward (logged,
+evaluated). Both are evaluated on the 177 held-out prompts (ODE, fixed seeds) before training and every `--eval_steps`.
+Reports, per seed, the first evaluation step at which Step-GRPO's held-out DRM score reaches GRPO's final one, and
+writes `results.json` and (with `--plot`) the curves.
 """
 
 from __future__ import annotations

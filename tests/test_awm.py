@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from peft import LoraConfig
+from helpers import MODEL, tiny_config, tiny_lora, train_prompts
 
 from flow_trl import FlowAWMConfig, FlowAWMTrainer
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
 from flow_trl.trainer.awm_trainer import awm_loss, flow_matching_log_likelihood
 
 
@@ -61,18 +60,17 @@ def test_zero_advantage_gives_zero_gradient():
     assert torch.count_nonzero(v.grad) == 0
 
 
+AWM = dict(num_train_timesteps=2, max_steps=2, learning_rate=1e-2)
+
+
 def tiny_awm_config(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "awm"), per_device_train_batch_size=4, num_generations=2,
-                  num_inference_steps=4, num_train_timesteps=2, max_steps=2, learning_rate=1e-2, logging_steps=1,
-                  save_strategy="no", report_to="none", seed=0)
-    kwargs.update(overrides)
-    return FlowAWMConfig(**kwargs)
+    return tiny_config(FlowAWMConfig, tmp_path / "awm", **{**AWM, **overrides})
 
 
 def test_awm_trains_the_lora_keeps_an_ema_adapter_and_logs(tmp_path):
-    trainer = FlowAWMTrainer(str(SHAPES_PIPELINE_DIR), args=tiny_awm_config(tmp_path, norm_guard_coef=0.01),
-                             reward_funcs="shapes", train_dataset=shapes_dataset("train").select(range(16)),
-                             peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"))
+    trainer = FlowAWMTrainer(MODEL, args=tiny_awm_config(tmp_path, norm_guard_coef=0.01),
+                             reward_funcs="shapes", train_dataset=train_prompts(16),
+                             peft_config=tiny_lora())
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
     trainer.train()
     params = dict(trainer.transformer.named_parameters())

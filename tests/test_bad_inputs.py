@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig
+from helpers import MODEL, tiny_config, tiny_lora, train_prompts
 from safetensors.torch import save_file
 
 from flow_trl import (
@@ -37,7 +37,6 @@ from flow_trl.rewards import DetectorReward, JPEGCompressibility
 from flow_trl.sampling import sigma_grid
 from flow_trl.timesteps import sample_training_sigmas
 from flow_trl.toy import (
-    SHAPES_PIPELINE_DIR,
     ShapesReward,
     parse_prompt,
     render,
@@ -47,21 +46,8 @@ from flow_trl.toy import (
 from flow_trl.toy.evaluation import generate, sigma_schedule
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
-TINY = dict(per_device_train_batch_size=4, num_generations=2, num_inference_steps=4, max_steps=1,
-            save_strategy="no", report_to="none", seed=0)
-
-
 def config(cls, tmp_path, **overrides):
-    return cls(output_dir=str(tmp_path / "out"), **{**TINY, **overrides})
-
-
-def prompts(n=16):
-    return shapes_dataset("train").select(range(n))
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian")
+    return tiny_config(cls, tmp_path / "out", **overrides)
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------
@@ -87,16 +73,16 @@ def lora():
         (FlowNFTConfig, {"num_iterations": 0}, "num_iterations must be >= 1"),
         (FlowNFTConfig, {"full_finetune_params": "linear", "lora_export_rank": 0},
          "lora_export_rank must be at least 1"),
-        (FlowNFTConfig, {"nft_beta": 0.0}, "nft_beta must be positive"),
+        (FlowNFTConfig, {"implicit_policy_strength": 0.0}, "implicit_policy_strength must be positive"),
         (FlowNFTConfig, {"timestep_fraction": 0.0}, r"timestep_fraction must be in \(0, 1\]"),
         (FlowNFTConfig, {"old_policy_decay": "cosine"}, "old_policy_decay must be one of"),
-        (FlowNFTConfig, {"advantage_clip": None}, "NFT maps advantages to \\[0, 1\\] through advantage_clip; set it"),
+        (FlowNFTConfig, {"advantage_scale": 0.0}, "advantage_scale must be positive"),
         (FlowAWMConfig, {"ema_decay_schedule": "cosine"}, "ema_decay_schedule must be one of"),
         (FlowAWMConfig, {"clip_range": 0.0}, "clip_range must be positive"),
         (FlowAWMConfig, {"advantage_max": 0.0}, "advantage_max must be positive"),
         (FlowAWMConfig, {"num_train_timesteps": 0}, "num_train_timesteps must be positive"),
-        (FlowAWMConfig, {"ema_beta": -1.0}, "ema_beta must be >= 0"),
-        (FlowAWMConfig, {"advantage_clip": None}, "AWM rescales advantages by advantage_clip; set it"),
+        (FlowAWMConfig, {"ema_kl_coef": -1.0}, "ema_kl_coef must be >= 0"),
+        (FlowAWMConfig, {"advantage_scale": -1.0}, "advantage_scale must be positive"),
         (DanceGRPOConfig, {"clip_range": 0.0}, "clip_range must be positive"),
         (DanceGRPOConfig, {"kl_type": "k3"}, "kl_type must be one of"),
         (FlowDPOConfig, {"dpo_beta": 0.0}, "dpo_beta must be positive"),
@@ -146,14 +132,15 @@ def test_save_steps_inside_a_rollout_warns(tmp_path, caplog):
 
 def test_eval_dataset_without_prompt_column(tmp_path):
     with pytest.raises(ValueError, match="The eval dataset needs a 'prompt' column; its columns are \\['text'\\]"):
-        FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes", train_dataset=prompts(),
+        FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
+                       train_dataset=train_prompts(16),
                        eval_dataset=Dataset.from_dict({"text": ["a photo of a circle"]}))
 
 
 def test_norm_guard_on_a_trainer_without_it(tmp_path):
     with pytest.raises(ValueError, match="DanceGRPOTrainer does not include NormGuardMixin; set norm_guard_coef=0"):
         DanceGRPOTrainer(MODEL, args=config(DanceGRPOConfig, tmp_path, norm_guard_coef=0.1), reward_funcs="shapes",
-                         train_dataset=prompts())
+                         train_dataset=train_prompts(16))
 
 
 def test_mar_adapter_without_lora(tmp_path):
@@ -162,24 +149,24 @@ def test_mar_adapter_without_lora(tmp_path):
 
     args = config(FlowNFTConfig, tmp_path, mar_coef=0.1, mar_adapter=str(tmp_path / "anchor"))
     with pytest.raises(ValueError, match="mar_adapter is a LoRA on the student's base: pass a peft_config"):
-        MARNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts())
+        MARNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16))
 
 
 def test_reward_weights_count_mismatch(tmp_path):
     with pytest.raises(ValueError, match="reward_weights has 1 values but there are 2 reward functions"):
         FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path, reward_weights=[1.0]),
-                       reward_funcs=["shapes", "shapes_quality"], train_dataset=prompts())
+                       reward_funcs=["shapes", "shapes_quality"], train_dataset=train_prompts(16))
 
 
 def test_model_init_kwargs_with_a_pipeline_object(tmp_path, shapes_pipe):
     args = config(FlowNFTConfig, tmp_path, model_init_kwargs={"dtype": "float32"})
     with pytest.raises(ValueError, match="`model_init_kwargs` only applies when `model` is a model id or path"):
-        FlowNFTTrainer(shapes_pipe, args=args, reward_funcs="shapes", train_dataset=prompts())
+        FlowNFTTrainer(shapes_pipe, args=args, reward_funcs="shapes", train_dataset=train_prompts(16))
 
 
 def test_fewer_prompts_than_one_rollout_needs(tmp_path):
     args = config(FlowNFTConfig, tmp_path, per_device_train_batch_size=8)  # 4 distinct prompts per rollout
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(3))
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(3))
     with pytest.raises(ValueError, match="The training dataset has 3 prompts but one rollout needs 4 distinct"):
         trainer.train()
 
@@ -192,14 +179,14 @@ def test_train_without_a_train_dataset(tmp_path):
 
 def test_evaluate_without_an_eval_dataset(tmp_path):
     trainer = FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
-                             train_dataset=prompts())
+                             train_dataset=train_prompts(16))
     with pytest.raises(ValueError, match=r"evaluate\(\) needs an eval_dataset"):
         trainer.evaluate()
 
 
 def test_offline_dpo_evaluate_without_reward_functions(tmp_path):
     trainer = FlowDPOTrainer(MODEL, args=config(FlowDPOConfig, tmp_path, num_train_timesteps=1),
-                             train_dataset=shapes_preference_dataset("train", num_pairs=2), peft_config=lora())
+                             train_dataset=shapes_preference_dataset("train", num_pairs=2), peft_config=tiny_lora())
     with pytest.raises(ValueError, match=r"evaluate\(\) scores samples with reward functions; pass `reward_funcs`"):
         trainer.evaluate(eval_dataset=shapes_dataset("test").select(range(2)))
 
@@ -252,7 +239,7 @@ def test_reward_funcs_that_cannot_be_resolved(reward_funcs, match):
 
 def test_trainer_without_reward_funcs(tmp_path):
     with pytest.raises(ValueError, match="`reward_funcs` is required"):
-        FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), train_dataset=prompts())
+        FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), train_dataset=train_prompts(16))
 
 
 @pytest.mark.parametrize(
@@ -352,7 +339,7 @@ def test_weight_ema_of_a_frozen_module_or_an_incomplete_state():
 
 def test_resume_from_a_folder_without_the_policy_state(tmp_path):
     trainer = FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
-                             train_dataset=prompts(), peft_config=lora())
+                             train_dataset=train_prompts(16), peft_config=tiny_lora())
     folder = tmp_path / "exported"
     trainer.save_model(str(folder))  # a final export, not a checkpoint: no old-policy state
     with pytest.raises(FileNotFoundError, match="flow_trl_policies.safetensors is missing: this checkpoint cannot"):
@@ -361,7 +348,7 @@ def test_resume_from_a_folder_without_the_policy_state(tmp_path):
 
 def test_resume_from_a_lora_of_other_targets(tmp_path):
     trainer = FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
-                             train_dataset=prompts(), peft_config=lora())
+                             train_dataset=train_prompts(16), peft_config=tiny_lora())
     folder = tmp_path / "other"
     folder.mkdir()
     save_file({"transformer.proj_out.lora_A.weight": torch.zeros(4, 8)},

@@ -37,11 +37,13 @@ def test_yaml_config_sets_values_and_flags_override(tmp_path):
     from flow_trl.scripts.nft import make_parser
 
     config = tmp_path / "cfg.yaml"
-    config.write_text("learning_rate: 0.002\nnft_beta: 0.1\nlora_r: 8\nenv:\n  FLOW_TRL_TEST_ENV: 'yes'\n")
-    script_args, args = make_parser().parse_args_and_config(
-        ["--config", str(config), "--nft_beta", "0.5", "--output_dir", str(tmp_path)]
+    config.write_text(
+        "learning_rate: 0.002\nimplicit_policy_strength: 0.1\nlora_r: 8\nenv:\n  FLOW_TRL_TEST_ENV: 'yes'\n"
     )
-    assert args.learning_rate == 0.002 and args.nft_beta == 0.5 and script_args.lora_r == 8
+    script_args, args = make_parser().parse_args_and_config(
+        ["--config", str(config), "--implicit_policy_strength", "0.5", "--output_dir", str(tmp_path)]
+    )
+    assert args.learning_rate == 0.002 and args.implicit_policy_strength == 0.5 and script_args.lora_r == 8
     import os
 
     assert os.environ["FLOW_TRL_TEST_ENV"] == "yes"

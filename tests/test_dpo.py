@@ -5,27 +5,19 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig
+from helpers import MODEL, tiny_config, tiny_lora, train_prompts
 
 from flow_trl import FlowDPOConfig, FlowDPOTrainer
 from flow_trl.preference import encode_preference_dataset
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset, shapes_preference_dataset
+from flow_trl.toy import shapes_preference_dataset
 from flow_trl.trainer.dpo_trainer import diffusion_dpo_loss
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian")
+DPO = dict(num_train_timesteps=2, max_steps=2, learning_rate=1e-2)
 
 
 def dpo_config(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, num_generations=2,
-                  num_inference_steps=4, num_train_timesteps=2, max_steps=2, learning_rate=1e-2, logging_steps=1,
-                  save_strategy="no", report_to="none", seed=0)
-    kwargs.update(overrides)
-    return FlowDPOConfig(**kwargs)
+    return tiny_config(FlowDPOConfig, tmp_path / "dpo", **{**DPO, **overrides})
 
 
 def test_dpo_loss_matches_the_hand_formula():
@@ -55,7 +47,7 @@ def test_dpo_loss_ignores_invalid_pairs():
 def test_identical_winner_and_loser_give_log2_and_zero_gradient(tmp_path):
     """Through the trainer's own loss: only a shared sigma and shared noise make the two MSEs equal."""
     trainer = FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), reward_funcs="shapes",
-                             train_dataset=shapes_dataset("train").select(range(8)), peft_config=lora())
+                             train_dataset=train_prompts(8), peft_config=tiny_lora())
     trainer.transformer.double()  # fp64: batch rows of equal inputs give equal outputs to the last fp32 bit
     with torch.no_grad():  # move the policy away from the reference so that the MSEs differ from it
         for name, param in trainer.transformer.named_parameters():
@@ -87,7 +79,7 @@ def _held_out_accuracy(trainer, pairs):
 def test_offline_dpo_raises_held_out_implicit_accuracy(tmp_path):
     args = dpo_config(tmp_path, max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, num_train_timesteps=4)
     trainer = FlowDPOTrainer(MODEL, args=args, train_dataset=shapes_preference_dataset("train", num_pairs=64),
-                             peft_config=LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian"))
+                             peft_config=tiny_lora(r=8, lora_alpha=16))
     assert trainer.offline and trainer.reward_funcs == []
     assert {"prompt", "chosen_latents", "rejected_latents"} <= set(trainer.train_dataset.column_names)
     held_out = encode_preference_dataset(shapes_preference_dataset("test", num_pairs=32, seed=100),
@@ -102,7 +94,7 @@ def test_offline_dpo_raises_held_out_implicit_accuracy(tmp_path):
 def test_online_dpo_pairs_best_and_worst_and_refreshes_its_reference(tmp_path):
     args = dpo_config(tmp_path, num_generations=2, ref_update_steps=1, rollout_policy="reference", norm_guard_coef=1.0)
     trainer = FlowDPOTrainer(MODEL, args=args, reward_funcs="shapes",
-                             train_dataset=shapes_dataset("train").select(range(16)), peft_config=lora())
+                             train_dataset=train_prompts(16), peft_config=tiny_lora())
     assert not trainer.offline and trainer._sampling_policy == "dpo_ref"
     params = dict(trainer.transformer.named_parameters())
     ref_before = {n: p.detach().clone() for n, p in params.items() if ".dpo_ref." in n}
@@ -117,7 +109,7 @@ def test_online_dpo_pairs_best_and_worst_and_refreshes_its_reference(tmp_path):
 
 def test_online_pairs_come_from_groups(tmp_path):
     trainer = FlowDPOTrainer(MODEL, args=dpo_config(tmp_path, num_generations=4), reward_funcs="shapes",
-                             train_dataset=shapes_dataset("train").select(range(8)), peft_config=lora())
+                             train_dataset=train_prompts(8), peft_config=tiny_lora())
     latents = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 4, 8, 8)
     cond = trainer.encode_prompts(["a photo of a circle"] * 4 + ["a photo of a square"] * 4)
     rewards = torch.tensor([0.1, 0.9, 0.5, 0.0, 0.3, 0.3, 0.3, 0.3])
@@ -131,7 +123,7 @@ def test_online_pairs_come_from_groups(tmp_path):
 def test_online_dpo_needs_groups_of_two(tmp_path):
     with pytest.raises(ValueError, match="num_generations must be at least 2"):
         FlowDPOTrainer(MODEL, args=dpo_config(tmp_path, num_generations=1), reward_funcs="shapes",
-                       train_dataset=shapes_dataset("train").select(range(8)))
+                       train_dataset=train_prompts(8))
     with pytest.raises(ValueError, match="per_device_train_batch_size \\(4\\) must be divisible by num_generations"):
         dpo_config(tmp_path, num_generations=8, gradient_accumulation_steps=2)
 
@@ -145,4 +137,4 @@ def test_offline_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="Row 0 of the preference dataset: cannot read its 'chosen' image"):
         FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=broken)
     with pytest.raises(ValueError, match="reward_funcs"):
-        FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=shapes_dataset("train").select(range(8)))
+        FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=train_prompts(8))

@@ -2,23 +2,20 @@
 
 import pytest
 import torch
+from helpers import MODEL, tiny_config, train_prompts
 from peft import LoraConfig
 
 from flow_trl import DanceGRPOConfig, DanceGRPOTrainer
 from flow_trl.advantages import shape_advantages, slas_advantages
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+from flow_trl.toy import shapes_dataset
 from flow_trl.trainer.grpo_trainer import grpo_clip_loss
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
+GRPO = dict(learning_rate=1e-2, timestep_fraction=1.0)
 
 
 def grpo_config(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                  num_inference_steps=4, max_steps=1, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                  report_to="none", seed=0, timestep_fraction=1.0)
-    kwargs.update(overrides)
-    return DanceGRPOConfig(**kwargs)
+    return tiny_config(DanceGRPOConfig, tmp_path / "grpo", **{**GRPO, **overrides})
 
 
 def test_clip_loss_matches_the_hand_formula_inside_and_outside_the_clip():
@@ -56,12 +53,12 @@ def test_slas_normalises_by_the_batch_std():
     torch.testing.assert_close(other, shaped / (shaped.std(unbiased=False) + 1e-4))
 
 
-@pytest.mark.parametrize("sde_type", ["dance", "flow", "cps"])
+@pytest.mark.parametrize("sde_type", ["dance_sde", "flow_sde", "cps"])
 def test_first_replay_has_ratio_one_and_never_trains_the_last_transition(tmp_path, sde_type):
-    noise = {"dance": 0.3, "flow": 0.7, "cps": 0.5}[sde_type]
+    noise = {"dance_sde": 0.3, "flow_sde": 0.7, "cps": 0.5}[sde_type]
     args = grpo_config(tmp_path, sde_type=sde_type, noise_level=noise)
     trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes",
-                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+                               train_dataset=train_prompts(8), peft_config=LoraConfig(r=4))
     inputs = trainer._generate_and_score(list(shapes_dataset("train").select([0, 0, 1, 1])))
     assert inputs["step_indices"].max() < args.num_inference_steps - 1  # the transition to sigma 0 is not recorded
     assert inputs["train_steps"].shape == (4, args.num_inference_steps - 1)
@@ -75,7 +72,7 @@ def test_first_replay_has_ratio_one_and_never_trains_the_last_transition(tmp_pat
 def test_grpo_trains_with_slas_and_the_sde_mean_kl(tmp_path):
     args = grpo_config(tmp_path, max_steps=2, advantage_shaping="slas", beta=0.01, same_initial_noise=True)
     trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes",
-                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+                               train_dataset=train_prompts(8), peft_config=LoraConfig(r=4))
     noise = trainer._initial_noise(4, torch.Generator().manual_seed(0))
     assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[1], noise[2])  # one noise per group
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if ".default." in n}
@@ -97,11 +94,12 @@ def test_grpo_config_errors(tmp_path):
         grpo_config(tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="not 'ode'"):
         grpo_config(tmp_path, sde_type="ode")
-    assert grpo_config(tmp_path, sde_type="flow").sde_type == "flow_sde"
+    with pytest.raises(ValueError, match=r"one of \('ode', 'flow_sde', 'dance_sde', 'cps'\); got 'flow'"):
+        grpo_config(tmp_path, sde_type="flow")
 
 
 def test_sde_mean_kl_matches_flow_grpo():
-    from flow_trl.trainer.grpo_trainer import sde_mean_kl
+    from flow_trl.trainer.transitions import sde_mean_kl
 
     mean, ref = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     std_dev_t = torch.tensor([0.5, 0.8])  # Flow-GRPO's s_t; the step's std is s_t sqrt(-dt)
@@ -124,9 +122,10 @@ def test_kl_targeted_slas_gamma():
 def test_grpo_adapts_gamma_to_the_kl_target(tmp_path):
     args = grpo_config(tmp_path, max_steps=2, advantage_shaping="slas", slas_gamma=1.0, slas_target_kl=1.0)
     trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes",
-                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+                               train_dataset=train_prompts(8), peft_config=LoraConfig(r=4))
     trainer.train()
-    assert trainer.args.slas_gamma == pytest.approx(1.1)  # one adaptation (before the second rollout), tiny KL
+    assert trainer.slas_gamma == pytest.approx(1.1)  # one adaptation (before the second rollout), tiny KL
+    assert trainer.args.slas_gamma == 1.0  # the config keeps what the user gave
     assert any("slas/gamma" in entry for entry in trainer.state.log_history)
     with pytest.raises(ValueError, match="needs advantage_shaping='slas'"):
         grpo_config(tmp_path, slas_target_kl=1e-3)
@@ -143,10 +142,10 @@ def test_resume_restores_the_adapted_slas_gamma(tmp_path):
         args = grpo_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2,
                            advantage_shaping="slas", slas_gamma=1.0, slas_target_kl=1.0)
         trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes", peft_config=LoraConfig(r=4),
-                                   train_dataset=shapes_dataset("train").select(range(8)),
+                                   train_dataset=train_prompts(8),
                                    callbacks=[StopAtTwo()] if stop else None)
         trainer.train(resume_from_checkpoint=resume)
-        return trainer.args.slas_gamma, {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()
+        return trainer.slas_gamma, {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()
                                          if "lora_" in n}
 
     full_gamma, full = run(tmp_path / "full")
@@ -161,7 +160,7 @@ def test_resume_restores_the_adapted_slas_gamma(tmp_path):
 def test_timestep_fraction_counts_the_sampling_steps_as_flow_grpo(tmp_path):
     """0.99 of 4 sampling steps trains the 3 recorded transitions (all but the final one), 0.5 trains 2 of them."""
     trainer = DanceGRPOTrainer(MODEL, args=grpo_config(tmp_path), reward_funcs="shapes",
-                               train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4))
+                               train_dataset=train_prompts(8), peft_config=LoraConfig(r=4))
     inputs = {"log_probs": torch.zeros(4, 3)}
     for fraction, expected in [(0.99, 3), (0.5, 2), (0.1, 1)]:
         trainer.args.timestep_fraction = fraction

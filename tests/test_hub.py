@@ -78,7 +78,7 @@ def test_push_to_hub_uploads_a_loadable_adapter_and_a_model_card(tmp_path, fake_
     assert 'pipe.load_lora_weights("me/shapes-nft")' in card.text
     assert "StableDiffusion3Pipeline.from_pretrained(\"my-org/shapes-sd3\"" in card.text
     assert "DiffusionNFT" in card.text and "@inproceedings" in card.text  # algorithm and citation
-    assert "| `shapes` | 1.0 |" in card.text and "`nft_beta`" in card.text
+    assert "| `shapes` | 1.0 |" in card.text and "`implicit_policy_strength`" in card.text
     assert f"{metrics['eval_reward']:.4f}".rstrip("0") in card.text  # the final evaluation figures
     assert "![Samples](sample_grid.png)" in card.text
 
@@ -108,7 +108,31 @@ def test_model_card_of_a_full_fine_tune_without_a_hub_base_model():
 def test_card_hyperparameters_and_hub_ids(tmp_path):
     args = FlowNFTConfig(output_dir=str(tmp_path), hub_token=SECRET, report_to="none")
     params = card_hyperparameters(args)
-    assert params["nft_beta"] == args.nft_beta and params["learning_rate"] == args.learning_rate
+    assert params["implicit_policy_strength"] == args.implicit_policy_strength
+    assert params["learning_rate"] == args.learning_rate
     assert not any(k.endswith("_token") for k in params) and "output_dir" not in params
     assert is_hub_id("stabilityai/stable-diffusion-3.5-medium") and is_hub_id("gpt2")
     assert not is_hub_id(str(tmp_path)) and not is_hub_id("./local/model") and not is_hub_id("a/b/c")
+
+
+def test_model_card_loads_a_local_base_from_what_the_caller_says(tmp_path):
+    from PIL import Image
+
+    from flow_trl.images import save_image_grid
+
+    grid = tmp_path / "grid.png"
+    save_image_grid(torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)), grid, ncols=3, scale=1)
+    assert Image.open(grid).size == (3 * (8 + 2), 2 * (8 + 2))  # 3 x 2 cells with 2-pixel gutters
+    args = FlowNFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2,
+                         report_to="none")
+    trainer = FlowNFTTrainer(load_shapes_pipeline(), args=args, reward_funcs="shapes",
+                             train_dataset=shapes_dataset("train").select(range(2)))
+    readme = tmp_path / "run" / "README.md"
+    trainer.create_model_card(sample_image=grid)  # a local base the card knows nothing about: a placeholder
+    assert 'from_pretrained("<base model id or path>"' in readme.read_text()
+    assert "SHAPES_PIPELINE_DIR" not in readme.read_text()
+    trainer.create_model_card(base_expr="str(MY_DIR)", base_import="from my_package import MY_DIR")
+    trainer.create_model_card()  # remembered, as `evaluation` is, for push_to_hub's call
+    text = readme.read_text()
+    assert "from my_package import MY_DIR\n" in text and "from_pretrained(str(MY_DIR)" in text
+    assert (tmp_path / "run" / "sample_grid.png").read_bytes() == grid.read_bytes()

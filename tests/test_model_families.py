@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers import redness
-from peft import LoraConfig
+from helpers import redness, tiny_config, tiny_lora
 
 import flow_trl.trainer as trainers
 from flow_trl.models import ADAPTERS, FluxAdapter, get_adapter
@@ -452,19 +451,7 @@ def test_unsupported_pipeline_fails_naming_the_supported_ones():
 # ---- trainers on every family --------------------------------------------------------------------------------------
 
 
-COMMON = dict(
-    per_device_train_batch_size=4,
-    num_generations=2,
-    num_inference_steps=3,
-    max_steps=1,
-    learning_rate=1e-2,
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    resolution=RESOLUTION,
-    max_sequence_length=MAX_LEN,
-)
+COMMON = dict(num_inference_steps=3, learning_rate=1e-2, resolution=RESOLUTION, max_sequence_length=MAX_LEN)
 TRAINERS = {  # trainer -> (config class, settings of a one-step run); every FlowRLTrainer subclass must be here
     "FlowNFTTrainer": (trainers.FlowNFTConfig, dict(timestep_fraction=0.5)),
     "FlowAWMTrainer": (trainers.FlowAWMConfig, dict(num_train_timesteps=1, timestep_sampler="logit_normal")),
@@ -476,9 +463,8 @@ TRAINERS = {  # trainer -> (config class, settings of a one-step run); every Flo
 
 def make_trainer(pipes, family, name, tmp_path, **overrides):
     config_cls, settings = TRAINERS[name]
-    args = config_cls(
-        output_dir=str(tmp_path / name), guidance_scale=GUIDANCE[family], **{**COMMON, **settings, **overrides}
-    )
+    settings = {**COMMON, "guidance_scale": GUIDANCE[family], **settings, **overrides}
+    args = tiny_config(config_cls, tmp_path / name, **settings)
     dataset = Dataset.from_dict({"prompt": ["a red circle", "a blue square", "two green triangles", "a red square"]})
     kwargs = {}
     if name == "FlowOPDTrainer":  # one task; its teacher: a LoRA trained for one NFT step on this family
@@ -493,7 +479,7 @@ def make_trainer(pipes, family, name, tmp_path, **overrides):
         args=args,
         reward_funcs=[redness],
         train_dataset=dataset,
-        peft_config=LoraConfig(r=4, init_lora_weights="gaussian"),
+        peft_config=tiny_lora(),
         **kwargs,
     )
 
@@ -533,7 +519,7 @@ def test_one_optimisation_step_of_every_trainer_on_every_family(pipes, family, n
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_first_replay_has_ratio_one(pipes, family, tmp_path):
-    trainer = make_trainer(pipes, family, "DanceGRPOTrainer", tmp_path, sde_type="flow", noise_level=0.7)
+    trainer = make_trainer(pipes, family, "DanceGRPOTrainer", tmp_path, sde_type="flow_sde", noise_level=0.7)
     inputs = trainer._generate_and_score([{"prompt": p} for p in ("a red circle",) * 2 + ("a blue square",) * 2])
     for chunk in range(trainer._num_loss_chunks(inputs)):
         trainer._compute_loss(trainer.model, inputs, chunk)

@@ -24,13 +24,13 @@ def _hand_nft(v, v_old, x_t, x0, sigma, r, b, scale):
     return scale * total / v.shape[0]
 
 
-@pytest.mark.parametrize("nft_beta", [1.0, 0.1])
-def test_nft_loss_matches_the_hand_formula(nft_beta):
+@pytest.mark.parametrize("strength", [1.0, 0.1])
+def test_nft_loss_matches_the_hand_formula(strength):
     g = torch.Generator().manual_seed(0)
     v, v_old, x_t, x0 = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(4))
     sigma, r = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([1.0, 0.5, 0.0])
-    loss, metrics = nft_loss(v, v_old, x_t, x0, sigma, r, nft_beta, loss_scale=5.0)
-    assert loss.item() == pytest.approx(_hand_nft(v, v_old, x_t, x0, sigma, r, nft_beta, 5.0), rel=1e-5)
+    loss, metrics = nft_loss(v, v_old, x_t, x0, sigma, r, strength, loss_scale=5.0)
+    assert loss.item() == pytest.approx(_hand_nft(v, v_old, x_t, x0, sigma, r, strength, 5.0), rel=1e-5)
     assert metrics["nft/positive_loss"] > 0 and metrics["nft/negative_loss"] > 0
 
 
@@ -41,7 +41,7 @@ def _x0_error_after_a_step(r_value):
     x_t = 0.4 * x0 + 0.6 * noise
     v = (noise - x0 + 0.5 * torch.randn(4, 2, 4, 4, generator=g)).requires_grad_(True)  # an imperfect policy
     v_old = v.detach().clone()
-    loss, _ = nft_loss(v, v_old, x_t, x0, sigma, torch.full((4,), r_value), nft_beta=1.0)
+    loss, _ = nft_loss(v, v_old, x_t, x0, sigma, torch.full((4,), r_value), strength=1.0)
     loss.backward()
     before = (x_t - 0.6 * v - x0).pow(2).mean().item()
     after = (x_t - 0.6 * (v - 0.05 * v.grad) - x0).pow(2).mean().item()

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import MODEL, TINY_RUN
 from peft import LoraConfig
 
 from flow_trl import (
@@ -17,22 +18,11 @@ from flow_trl import (
     ManifoldAnchorMixin,
 )
 from flow_trl.lora import read_lora
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+from flow_trl.toy import shapes_dataset
 from flow_trl.trainer.opd_trainer import constant_group_mask, opd_advantages
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
-TINY = dict(
-    per_device_train_batch_size=4,
-    num_generations=2,
-    num_inference_steps=4,
-    max_steps=1,
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    timestep_fraction=1.0,
-)
+TINY = dict(TINY_RUN, timestep_fraction=1.0)
 LORA = dict(r=4, lora_alpha=8)
 
 

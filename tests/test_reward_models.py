@@ -375,6 +375,99 @@ def test_geneval_credits_by_hand():
         geneval_score(found, {"objects": meta["objects"][:1], "relation": "left of"})
 
 
+@pytest.mark.parametrize(
+    ("prompt", "tag", "objects", "relation"),
+    [
+        ("a photo of a bench", "single_object", [("bench", None, 1)], None),
+        ("a photo of an orange", "single_object", [("orange", None, 1)], None),  # the fruit, not a colour
+        ("a photo of a toilet and a computer mouse", "two_object", [("toilet", None, 1), ("computer mouse", None, 1)],
+         None),
+        ("a photo of two sheep", "counting", [("sheep", None, 2)], None),
+        ("a photo of four knives", "counting", [("knife", None, 4)], None),
+        ("a photo of three computer mice", "counting", [("computer mouse", None, 3)], None),
+        ("a photo of two people", "counting", [("person", None, 2)], None),
+        ("a photo of three buses", "counting", [("bus", None, 3)], None),
+        ("a photo of four wine glasses", "counting", [("wine glass", None, 4)], None),
+        ("a photo of two horses", "counting", [("horse", None, 2)], None),
+        ("a photo of an orange cat", "colors", [("cat", "orange", 1)], None),
+        ("a photo of a pink car", "colors", [("car", "pink", 1)], None),
+        ("a photo of a dog right of a teddy bear", "position", [("dog", None, 1), ("teddy bear", None, 1)],
+         "right of"),
+        ("A photo of a hot dog  below a dining table", "position", [("hot dog", None, 1), ("dining table", None, 1)],
+         "below"),
+        ("a photo of a red umbrella and a blue cow", "color_attr", [("umbrella", "red", 1), ("cow", "blue", 1)],
+         None),
+        ("a photo of a brown giraffe and a white stop sign", "color_attr",
+         [("giraffe", "brown", 1), ("stop sign", "white", 1)], None),
+    ],
+)
+def test_geneval_prompts_parse_with_real_object_names(prompt, tag, objects, relation):
+    from flow_trl.rewards.geneval import parse_geneval_prompt
+
+    clauses = [{"shape": s, "color": c, "count": n} for s, c, n in objects]
+    assert parse_geneval_prompt(prompt) == {"tag": tag, "objects": clauses, "relation": relation}
+
+
+def test_every_coco_class_round_trips_through_the_geneval_grammar():
+    from flow_trl.rewards.geneval import COCO_CLASSES, make_clause, noun_phrase, parse_geneval_prompt
+
+    assert len(COCO_CLASSES) == len(set(COCO_CLASSES)) == 80
+    for noun in COCO_CLASSES:
+        for count in (1, 3):
+            item = make_clause(noun, None, count)
+            parsed = parse_geneval_prompt(f"a photo of {noun_phrase(item)}", nouns=COCO_CLASSES)
+            assert parsed["objects"] == [item], noun_phrase(item)
+    assert noun_phrase(make_clause("knife", "red", 2)) == "two red knives"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "match"),
+    [
+        ("an astronaut riding a horse", "does not start with 'a photo of'"),
+        ("a photo of a cat on the mat", "'a cat on the mat' does not name an object"),
+        ("a photo of five cats", "'five cats' does not start with 'a', 'an' or a count"),
+        ("a photo of cats", "'cats' does not start with 'a', 'an' or a count"),
+        ("a photo of a cat and a dog and a cow", "at most two clauses"),
+        ("a photo of a", "'a' does not name an object"),
+    ],
+)
+def test_a_prompt_outside_the_geneval_grammar_fails_clearly(prompt, match):
+    from flow_trl.rewards.geneval import parse_geneval_prompt
+
+    with pytest.raises(ValueError, match=f"is not a GenEval-style prompt .*{match}.*Pass the dataset's 'objects'"):
+        parse_geneval_prompt(prompt)
+
+
+def test_a_vocabulary_restricts_the_object_names():
+    from flow_trl.rewards.geneval import COCO_CLASSES, parse_geneval_prompt
+
+    assert parse_geneval_prompt("a photo of a unicorn")["objects"][0]["shape"] == "unicorn"
+    with pytest.raises(ValueError, match="unknown object 'unicorn'"):
+        parse_geneval_prompt("a photo of a unicorn", nouns=COCO_CLASSES)
+
+
+def test_detector_reward_parses_real_geneval_prompts(monkeypatch):
+    from flow_trl.rewards import DetectorReward
+
+    reward = DetectorReward(model="/nonexistent", device="cpu")
+    seen = []
+
+    def detect(images, texts):  # two boxes per query: the clause counts decide the credit
+        seen.extend(texts)
+        box = np.array([[0.0, 0.4, 0.2, 0.6], [0.6, 0.4, 0.8, 0.6]])
+        return [{text: box for text in image_texts} for image_texts in texts]
+
+    monkeypatch.setattr(reward, "detect", detect)
+    prompts = ["a photo of two sheep", "a photo of four knives", "a photo of a red umbrella and a blue cow"]
+    scores = reward._score(prompts, torch.zeros(3, 3, 8, 8))
+    assert seen == [
+        ["a photo of a sheep"],
+        ["a photo of a knife"],
+        ["a photo of an umbrella", "a photo of a red umbrella", "a photo of a cow", "a photo of a blue cow"],
+    ]
+    assert scores == [1.0, 0.5, 0.0]
+
+
 def test_nms_keeps_the_best_of_overlapping_boxes():
     from flow_trl.rewards.detection import nms
 

@@ -43,3 +43,24 @@ def test_builtin_shapes_rewards_score_ground_truth_and_quality():
     assert quality.__name__ == "shapes_quality" and all(0.9 < q <= 1.0 for q in quality(prompts, images))
     noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert all(q < 0.1 for q in quality(prompts, noise))
+
+
+def test_shapes_rewards_are_registered_by_name_and_imported_on_resolution():
+    import subprocess
+    import sys
+
+    from flow_trl.rewards import BUILTIN_REWARDS, BuiltinReward
+
+    assert BUILTIN_REWARDS["shapes_strict"] == BuiltinReward("flow_trl.toy.scorer:ShapesReward", {"strict": True})
+    assert all(isinstance(entry, BuiltinReward) for entry in BUILTIN_REWARDS.values())
+    code = (
+        "import sys\n"
+        "from flow_trl.rewards import resolve_reward_funcs\n"
+        "assert 'flow_trl.toy' not in sys.modules, 'importing flow_trl.rewards imported the toy world'\n"
+        "funcs = resolve_reward_funcs(['shapes', 'shapes_strict', 'shapes_quality'])\n"
+        "print([type(f).__name__ for f in funcs], [getattr(f, 'strict', None) for f in funcs], funcs[2].__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = "['ShapesReward', 'ShapesReward', 'function'] [False, True, None] shapes_quality"
+    assert result.stdout.strip() == expected

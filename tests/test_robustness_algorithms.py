@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers import MODEL, tiny_config, tiny_lora
 from peft import LoraConfig
 from transformers.testing_utils import CaptureLogger
 
@@ -24,13 +25,8 @@ from flow_trl.advantages import ADVANTAGE_STDS, group_advantages
 from flow_trl.drm.sampling import stepwise_sample
 from flow_trl.preference import encode_preference_dataset, load_image
 from flow_trl.sampling import NOISE_LEVEL_RANGES, sigma_grid, step
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+from flow_trl.toy import shapes_dataset
 from flow_trl.trainer.opd_trainer import constant_group_mask, gkd_loss
-
-
-MODEL = str(SHAPES_PIPELINE_DIR)
-TINY = dict(per_device_train_batch_size=4, num_generations=2, num_inference_steps=4, max_steps=1, logging_steps=1,
-            save_strategy="no", report_to="none", seed=0)
 
 
 # ---- noise-level ranges --------------------------------------------------------------------------------------------
@@ -107,7 +103,7 @@ def test_grpo_trainer_uses_the_configured_advantage_std(tmp_path):
     with pytest.raises(ValueError, match=r"advantage_std must be one of \('population', 'unbiased'\)"):
         DanceGRPOConfig(output_dir=str(tmp_path), advantage_std="bessel", report_to="none")
     assert DanceGRPOConfig(output_dir=str(tmp_path), report_to="none").advantage_std == "population"
-    trainer = DanceGRPOTrainer(MODEL, args=DanceGRPOConfig(output_dir=str(tmp_path), **TINY), reward_funcs="shapes",
+    trainer = DanceGRPOTrainer(MODEL, args=tiny_config(DanceGRPOConfig, tmp_path), reward_funcs="shapes",
                                train_dataset=shapes_dataset("train"), peft_config=LoraConfig(r=4, lora_alpha=8))
     rewards = torch.tensor([1.0, 3.0, 0.0, 4.0])  # groups of 2: population std 1 and 2, unbiased sqrt(2) and 2 sqrt(2)
     torch.testing.assert_close(trainer.compute_advantages(rewards),
@@ -146,7 +142,7 @@ def test_gkd_loss_averages_over_kept_samples_only():
 def teacher(tmp_path_factory):
     """One random teacher LoRA in diffusers format (shared by both tasks)."""
     root = tmp_path_factory.mktemp("teacher")
-    trainer = DanceGRPOTrainer(MODEL, args=DanceGRPOConfig(output_dir=str(root / "t"), **TINY),
+    trainer = DanceGRPOTrainer(MODEL, args=tiny_config(DanceGRPOConfig, root / "t"),
                                reward_funcs="shapes", train_dataset=shapes_dataset("train"),
                                peft_config=LoraConfig(r=4, lora_alpha=8))
     with torch.no_grad():
@@ -159,9 +155,9 @@ def teacher(tmp_path_factory):
 
 
 def test_opd_gkd_trainer_loss_ignores_filtered_groups(tmp_path, teacher, monkeypatch):
-    args = FlowOPDConfig(output_dir=str(tmp_path), task_column="tag", opd_mode="gkd", teacher_kl_coef=2.0,
-                         filter_constant_reward_groups=True, mar_coef=0.0, diagnostics_every_log=False,
-                         timestep_fraction=1.0, **TINY)
+    args = tiny_config(FlowOPDConfig, tmp_path, task_column="tag", opd_mode="gkd", teacher_kl_coef=2.0,
+                       filter_constant_reward_groups=True, mar_coef=0.0, diagnostics_every_log=False,
+                       timestep_fraction=1.0)
     data = shapes_dataset("train").filter(lambda r: r["tag"] in ("counting", "colors"))
     trainer = FlowOPDTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=data,
                              peft_config=LoraConfig(r=4, lora_alpha=8),
@@ -180,21 +176,20 @@ def test_opd_gkd_trainer_loss_ignores_filtered_groups(tmp_path, teacher, monkeyp
 
 def test_dpo_reference_refreshes_at_every_multiple_of_ref_update_steps(tmp_path):
     # 2 optimizer steps per rollout, refresh every 3: rollouts start at steps 0, 2, 4, none of them a multiple of 3
-    args = FlowDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
-                         steps_per_generation=2, num_inference_steps=3, num_train_timesteps=1, max_steps=6,
-                         ref_update_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                         report_to="none", seed=0, diagnostics_every_log=False)
+    args = tiny_config(FlowDPOConfig, tmp_path, per_device_train_batch_size=2, steps_per_generation=2,
+                       num_inference_steps=3, num_train_timesteps=1, max_steps=6, ref_update_steps=3,
+                       learning_rate=1e-2, diagnostics_every_log=False)
     trainer = FlowDPOTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=shapes_dataset("train"),
-                             peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"))
+                             peft_config=tiny_lora())
     refreshes = []
-    copy = trainer._copy_adapter
+    copy = trainer.policies.copy
 
-    def spy(source, target, decay=0.0):
+    def spy(source, target):
         if target == "dpo_ref":
             refreshes.append(trainer.state.global_step)
-        copy(source, target, decay)
+        copy(source, target)
 
-    trainer._copy_adapter = spy
+    trainer.policies.copy = spy
     trainer.train()
     assert refreshes == [3, 6]
     params = dict(trainer.transformer.named_parameters())

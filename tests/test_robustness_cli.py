@@ -77,6 +77,22 @@ def test_config_with_equals_sign_and_at_the_end(tmp_path):
         assert args.learning_rate == 1e-4 and args.max_steps == 3 and script_args.reward_funcs == ["shapes"]
 
 
+def test_parser_is_trls_and_none_unsets_an_optional_flag(tmp_path):
+    from trl import TrlParser
+
+    from flow_trl.scripts.nft import SHAPES_NFT_DEFAULTS, make_parser
+    from flow_trl.scripts.utils import parse_with_shapes_defaults
+
+    parser = make_parser()
+    assert isinstance(parser, TrlParser)
+    assert SHAPES_NFT_DEFAULTS["lora_export_rank"] == 128  # the recipe sets it; `none` must be able to unset it
+    _, args = parse_with_shapes_defaults(parser, ["--lora_export_rank", "none"], SHAPES_NFT_DEFAULTS)
+    assert args.lora_export_rank is None
+    config = write(tmp_path, "lora_export_rank: None\nmax_steps: 3\n")
+    _, args = parse_with_shapes_defaults(make_parser(), ["--config", config], SHAPES_NFT_DEFAULTS)
+    assert args.lora_export_rank is None and args.max_steps == 3
+
+
 def test_cpu_runs_do_not_pin_memory_unless_asked(tmp_path):
     import torch
 
@@ -121,7 +137,7 @@ USER_ERRORS = {
     "yaml_wrong_type": (lambda t: ["nft", "--config", write(t, "max_steps: many\n")],
                         "`max_steps: 'many'` is not a valid int"),
     "yaml_bad_choice": (lambda t: ["nft", "--config", write(t, "eval_strategy: sometimes\n")], "is not one of"),
-    "yaml_not_a_mapping": (lambda t: ["nft", "--config", write(t, "- a\n- b\n")], "must be a mapping"),
+    "yaml_not_a_mapping": (lambda t: ["nft", "--config", write(t, "- a\n- b\n")], "must contain a YAML mapping"),
     "yaml_missing_file": (lambda t: ["nft", "--config", str(t / "nope.yaml")], "No such file or directory"),
     "config_without_value": (lambda t: ["nft", "--config"], "argument --config: expected one argument"),
     "unknown_flag": (lambda t: ["nft", "--nft_betta", "1"], "unrecognized arguments: --nft_betta 1"),

@@ -9,45 +9,27 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig
+from helpers import MODEL, tiny_config, tiny_lora, train_prompts
 from safetensors import safe_open
 
 from flow_trl import FlowNFTConfig, FlowNFTTrainer
-from flow_trl.toy import SHAPES_PIPELINE_DIR, evaluate_pipeline, load_shapes_pipeline, shapes_dataset
+from flow_trl.toy import evaluate_pipeline, load_shapes_pipeline
 from flow_trl.trainer.outputs import previous_run_files, validate_checkpoint_dir
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
 CALL = dict(num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16, output_type="pt")
 
 
+RUN = dict(per_device_train_batch_size=2, num_inference_steps=2, disable_tqdm=True)
+
+
 def config(output_dir, **overrides):
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        num_generations=2,
-        num_inference_steps=2,
-        max_steps=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return FlowNFTConfig(**{**kwargs, **overrides})
-
-
-def prompts():
-    return shapes_dataset("train").select(range(8))
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian")
+    return tiny_config(FlowNFTConfig, output_dir, **{**RUN, **overrides})
 
 
 def nft(model, output_dir, peft_config=None, **overrides):
-    return FlowNFTTrainer(model, args=config(output_dir, **overrides), reward_funcs="shapes", train_dataset=prompts(),
-                          peft_config=peft_config)
+    return FlowNFTTrainer(model, args=config(output_dir, **overrides), reward_funcs="shapes",
+                          train_dataset=train_prompts(), peft_config=peft_config)
 
 
 def sample(pipe):
@@ -73,7 +55,7 @@ def lora_metadata(folder):
 
 
 def test_saved_lora_names_exactly_its_modules_and_loads_without_warnings(tmp_path):
-    trainer = nft(MODEL, tmp_path / "out", peft_config=lora())
+    trainer = nft(MODEL, tmp_path / "out", peft_config=tiny_lora())
     with torch.no_grad():  # as if trained: B starts at 0, and a LoRA that changes nothing would prove nothing
         for name, param in trainer.transformer.named_parameters():
             if ".default." in name and "lora_B" in name:
@@ -106,7 +88,7 @@ def test_training_into_a_previous_runs_output_dir_is_refused(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "pytorch_lora_weights.safetensors").write_bytes(b"old")
-    trainer = nft(MODEL, out, peft_config=lora())
+    trainer = nft(MODEL, out, peft_config=tiny_lora())
     with pytest.raises(FileExistsError, match="checkpoint-2.*pytorch_lora_weights.safetensors") as error:
         trainer.train()
     for hint in ("resume_from_checkpoint", "another output_dir", "overwrite_output_dir=True"):
@@ -125,7 +107,7 @@ def test_overwrite_output_dir_removes_only_the_previous_runs_outputs(tmp_path):
     (out / "notes.txt").write_text("mine")
     (out / "samples_before.png").write_bytes(b"this run's before grid")
     (out / "checkpoints-of-my-own").mkdir()
-    trainer = nft(MODEL, out, peft_config=lora(), overwrite_output_dir=True)
+    trainer = nft(MODEL, out, peft_config=tiny_lora(), overwrite_output_dir=True)
     trainer.train()
     trainer.save_model()
     left = sorted(p.name for p in out.iterdir())
@@ -141,23 +123,23 @@ def test_user_files_and_foreign_readmes_are_not_a_previous_run(tmp_path):
     (tmp_path / "checkpoint-final").mkdir()  # not a Trainer checkpoint name
     assert previous_run_files(tmp_path) == []
     assert previous_run_files(tmp_path / "missing") == []
-    trainer = nft(MODEL, tmp_path, peft_config=lora())
+    trainer = nft(MODEL, tmp_path, peft_config=tiny_lora())
     trainer.train()  # not refused
     assert trainer.state.global_step == 1
 
 
 def test_resume_into_the_same_output_dir_is_not_refused(tmp_path):
     out = tmp_path / "out"
-    nft(MODEL, out, peft_config=lora(), save_strategy="steps", save_steps=1).train()
+    nft(MODEL, out, peft_config=tiny_lora(), save_strategy="steps", save_steps=1).train()
     with pytest.raises(FileExistsError, match="checkpoint-1"):
-        nft(MODEL, out, peft_config=lora(), max_steps=2).train()
-    resumed = nft(MODEL, out, peft_config=lora(), max_steps=2)
+        nft(MODEL, out, peft_config=tiny_lora(), max_steps=2).train()
+    resumed = nft(MODEL, out, peft_config=tiny_lora(), max_steps=2)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 2
 
 
 def test_a_trainer_may_train_again_into_its_own_output_dir(tmp_path):
-    trainer = nft(MODEL, tmp_path / "out", peft_config=lora(), save_strategy="steps", save_steps=1)
+    trainer = nft(MODEL, tmp_path / "out", peft_config=tiny_lora(), save_strategy="steps", save_steps=1)
     trainer.train()
     trainer.train()  # the same run continued by the same trainer: not another run
     assert (tmp_path / "out" / "checkpoint-1").is_dir()
@@ -166,8 +148,8 @@ def test_a_trainer_may_train_again_into_its_own_output_dir(tmp_path):
 @pytest.mark.parametrize("first_lora", [True, False])
 def test_save_never_leaves_a_lora_next_to_a_transformer(tmp_path, first_lora):
     folder = tmp_path / "model"
-    first = nft(MODEL, tmp_path / "a", peft_config=lora() if first_lora else None)
-    second = nft(MODEL, tmp_path / "b", peft_config=None if first_lora else lora())
+    first = nft(MODEL, tmp_path / "a", peft_config=tiny_lora() if first_lora else None)
+    second = nft(MODEL, tmp_path / "b", peft_config=None if first_lora else tiny_lora())
     first.save_model(str(folder))
     second.save_model(str(folder))
     assert (folder / "pytorch_lora_weights.safetensors").is_file() == (not first_lora)
@@ -177,7 +159,7 @@ def test_save_never_leaves_a_lora_next_to_a_transformer(tmp_path, first_lora):
 def test_save_keeps_a_transformer_folder_flow_trl_did_not_write(tmp_path):
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text("{}")
-    nft(MODEL, tmp_path / "out", peft_config=lora()).save_model(str(tmp_path))
+    nft(MODEL, tmp_path / "out", peft_config=tiny_lora()).save_model(str(tmp_path))
     assert (tmp_path / "transformer" / "config.json").is_file()
 
 
@@ -187,7 +169,7 @@ def test_save_keeps_a_transformer_folder_flow_trl_did_not_write(tmp_path):
 @pytest.fixture(scope="module")
 def lora_trainer(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
-    trainer = nft(MODEL, out, peft_config=lora(), save_strategy="steps", save_steps=1)
+    trainer = nft(MODEL, out, peft_config=tiny_lora(), save_strategy="steps", save_steps=1)
     trainer.train()
     return trainer
 
@@ -205,7 +187,7 @@ def test_validate_checkpoint_dir_names_what_is_missing(lora_trainer, tmp_path):
     with pytest.raises(NotADirectoryError, match="not a folder"):
         validate_checkpoint_dir(str(tmp_path / "file"), lora_trainer)
     with pytest.raises(FileNotFoundError, match="No checkpoint-<step> folder"):
-        validate_checkpoint_dir(True, nft(MODEL, tmp_path / "fresh", peft_config=lora()))
+        validate_checkpoint_dir(True, nft(MODEL, tmp_path / "fresh", peft_config=tiny_lora()))
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
     with pytest.raises(FileNotFoundError, match="trainer_state.json.*pytorch_lora_weights.safetensors.*flow_trl_pol"):
@@ -258,14 +240,14 @@ def test_adapter_refuses_a_negative_image_size(shapes_pipe):
 @pytest.mark.parametrize("first_lora", [True, False])
 def test_a_pipeline_object_cannot_serve_a_second_trainer(shapes_pipe, tmp_path, first_lora):
     pipe = copy.deepcopy(shapes_pipe)
-    nft(pipe, tmp_path / "a", peft_config=lora() if first_lora else None)
+    nft(pipe, tmp_path / "a", peft_config=tiny_lora() if first_lora else None)
     with pytest.raises(ValueError, match=r"already used by a FlowNFTTrainer.*copy\.deepcopy\(pipe\)"):
         nft(pipe, tmp_path / "b")
-    nft(copy.deepcopy(shapes_pipe), tmp_path / "c", peft_config=lora())  # a fresh copy is fine
+    nft(copy.deepcopy(shapes_pipe), tmp_path / "c", peft_config=tiny_lora())  # a fresh copy is fine
 
 
 def test_a_failed_construction_leaves_the_pipeline_usable(shapes_pipe, tmp_path):
     pipe = copy.deepcopy(shapes_pipe)
     with pytest.raises(ValueError, match="prompt"):
         FlowNFTTrainer(pipe, args=config(tmp_path), reward_funcs="shapes", train_dataset=Dataset.from_dict({"x": [1]}))
-    nft(pipe, tmp_path, peft_config=lora())
+    nft(pipe, tmp_path, peft_config=tiny_lora())

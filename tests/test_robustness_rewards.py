@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import redness
+from helpers import MODEL, redness, tiny_config, train_prompts
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from flow_trl import DanceGRPOConfig, DanceGRPOTrainer, FlowNFTConfig, FlowNFTTrainer
@@ -21,20 +21,17 @@ from flow_trl.rewards import (
     unique_names,
     weighted_reward,
 )
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
 from flow_trl.trainer.health import RewardHealth, ZeroGradientCallback
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
 HEALTH_LOGGER = "flow_trl.trainer.health"
 
 
+RUN = dict(num_inference_steps=2, learning_rate=1e-2, guidance_scale=1.0, disable_tqdm=True)
+
+
 def tiny_args(tmp_path, config_class=FlowNFTConfig, **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
-                  num_inference_steps=2, max_steps=1, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                  report_to="none", seed=0, guidance_scale=1.0, disable_tqdm=True)
-    kwargs.update(overrides)
-    return config_class(**kwargs)
+    return tiny_config(config_class, tmp_path / "out", **{**RUN, **overrides})
 
 
 def warnings_from(caplog, text):
@@ -65,7 +62,7 @@ def test_partials_lambdas_and_remote_rewards_get_distinct_names():
 def test_duplicate_rewards_log_separately_and_the_model_card_lists_both(tmp_path):
     trainer = FlowNFTTrainer(
         MODEL, args=tiny_args(tmp_path, reward_weights=[1.0, 0.5]),
-        train_dataset=shapes_dataset("train").select(range(8)),
+        train_dataset=train_prompts(8),
         reward_funcs=[functools.partial(scaled, factor=1.0), functools.partial(scaled, factor=-1.0)],
     )
     trainer.train()
@@ -203,10 +200,10 @@ def abstain(prompts, images, **kwargs):
 def test_a_run_where_every_reward_abstains_warns_once_and_stays_finite(tmp_path, caplog):
     # two rollouts (steps_per_generation 1), one warning; the velocity's own weights must not turn NaN
     trainer = FlowNFTTrainer(MODEL, args=tiny_args(tmp_path, max_steps=2), reward_funcs=abstain,
-                             train_dataset=shapes_dataset("train").select(range(8)))
+                             train_dataset=train_prompts(8))
     with caplog.at_level(logging.WARNING, logger=HEALTH_LOGGER):
         trainer.train()
-    assert trainer._num_rollouts == 2
+    assert trainer._rollouts.count == 2
     assert len(warnings_from(caplog, "Every reward function (abstain) returned None/NaN for every image")) == 1
     assert all(torch.isfinite(p).all() for p in trainer.transformer.parameters())
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -243,7 +240,7 @@ def test_a_constant_reward_triggers_the_zero_gradient_warning(tmp_path, caplog):
     # every group ties: all advantages 0, so GRPO's clipped loss has exactly zero gradient
     args = tiny_args(tmp_path, DanceGRPOConfig, max_steps=2, timestep_fraction=0.5)
     trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs=constant,
-                               train_dataset=shapes_dataset("train").select(range(8)))
+                               train_dataset=train_prompts(8))
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ZeroGradientCallback))
     callback.patience = 2
     with caplog.at_level(logging.WARNING, logger=HEALTH_LOGGER):

@@ -7,28 +7,23 @@ import shutil
 
 import pytest
 import torch
-from helpers import redness
+from helpers import MODEL, TINY_RUN, redness, tiny_lora, train_prompts
 from peft import LoraConfig
 
 from flow_trl import DanceGRPOConfig, DanceGRPOTrainer, FlowAWMConfig, FlowAWMTrainer, FlowNFTConfig, FlowNFTTrainer
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
-from flow_trl.trainer.base_trainer import POLICY_STATE_FILE, TRAINER_RECORD_FILE
+from flow_trl.toy import shapes_dataset
+from flow_trl.trainer.checkpointing import POLICY_STATE_FILE, TRAINER_RECORD_FILE
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
-TINY = dict(per_device_train_batch_size=4, num_generations=2, num_inference_steps=3, max_steps=1, learning_rate=1e-2,
-            logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True)
-
-
-def prompts():
-    return shapes_dataset("train").select(range(16))
+TINY = dict(TINY_RUN, num_inference_steps=3, learning_rate=1e-2, disable_tqdm=True)
 
 
 def nft(tmp_path, lora=True, **overrides):
     """A tiny NFT trainer: a LoRA (nonzero from the start), or full fine-tuning with `lora=False`."""
     args = FlowNFTConfig(output_dir=str(tmp_path / "nft"), **{**TINY, **overrides})
-    peft_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian") if lora else None
-    return FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts(), peft_config=peft_config)
+    peft_config = tiny_lora() if lora else None
+    return FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=train_prompts(16),
+                          peft_config=peft_config)
 
 
 # ---- rollouts in eval mode, dropout off for likelihood ratios -------------------------------------------------------
@@ -40,7 +35,7 @@ def test_first_grpo_replay_has_ratio_one_with_lora_dropout(tmp_path):
     assert FlowAWMConfig(output_dir=str(tmp_path)).disable_dropout
     # a LoRA with random A and B, so that its dropout changes the velocity from the first step on
     peft_config = LoraConfig(r=4, lora_dropout=0.1, init_lora_weights=False)
-    trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts(),
+    trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=train_prompts(16),
                                peft_config=peft_config)
     trainer.model.train()  # as in training_step, which rolls out from inside the training loop
     inputs = trainer._generate_and_score(list(shapes_dataset("train").select([0, 0, 1, 1])))
@@ -78,19 +73,19 @@ def test_rollouts_of_one_optimizer_step_differ_and_the_old_policy_moves_once_per
     # 2 rollouts of 4 images per optimizer step (gradient accumulation 2, one micro-batch per rollout)
     trainer = nft(tmp_path, max_steps=2, gradient_accumulation_steps=2, generation_batch_size=4)
     noises, updates = [], []
-    initial_noise, copy_adapter = trainer._initial_noise, trainer._copy_adapter
+    initial_noise, soft_update = trainer._initial_noise, trainer.policies.soft_update
 
     def recording_noise(num_samples, generator):
         noises.append(initial_noise(num_samples, generator))
         return noises[-1]
 
-    def recording_copy(source, target, decay=0.0):
+    def recording_update(target, decay):
         updates.append((trainer.state.global_step, target))
-        copy_adapter(source, target, decay)
+        soft_update(target, decay)
 
-    trainer._initial_noise, trainer._copy_adapter = recording_noise, recording_copy
+    trainer._initial_noise, trainer.policies.soft_update = recording_noise, recording_update
     trainer.train()
-    assert len(noises) == 4 and trainer._num_rollouts == 4
+    assert len(noises) == 4 and trainer._rollouts.count == 4
     assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[2], noises[3])
     assert updates == [(1, "old")]  # before the first rollout after optimizer step 1, not again before the second
 
@@ -115,11 +110,11 @@ def test_one_rollout_per_step_keeps_the_global_step_seeds(tmp_path):
 
 def test_awm_second_optimizer_step_of_a_rollout_is_clipped(tmp_path):
     args = FlowAWMConfig(output_dir=str(tmp_path), **{**TINY, "max_steps": 2}, steps_per_generation=2,
-                         num_train_timesteps=1, clip_range=1e-4, beta=0.0, ema_beta=0.0)
-    trainer = FlowAWMTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts(),
-                             peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"))
+                         num_train_timesteps=1, clip_range=1e-4, beta=0.0, ema_kl_coef=0.0)
+    trainer = FlowAWMTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=train_prompts(16),
+                             peft_config=tiny_lora())
     trainer.train()
-    assert trainer._num_rollouts == 1  # both optimizer steps train the same rollout
+    assert trainer._rollouts.count == 1  # both optimizer steps train the same rollout
     first, second = [entry for entry in trainer.state.log_history if "awm/ratio" in entry]
     assert first["awm/ratio"] == 1.0 and first["awm/clip_frac"] == 0.0
     assert second["awm/ratio"] != 1.0 and second["awm/clip_frac"] > 0
@@ -127,7 +122,7 @@ def test_awm_second_optimizer_step_of_a_rollout_is_clipped(tmp_path):
 
 def test_awm_skips_the_old_pass_when_every_step_trains_whole_rollouts(tmp_path):
     args = FlowAWMConfig(output_dir=str(tmp_path), **TINY, gradient_accumulation_steps=2, num_train_timesteps=1)
-    trainer = FlowAWMTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts(),
+    trainer = FlowAWMTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=train_prompts(16),
                              peft_config=LoraConfig(r=4))
     inputs = trainer._generate_and_score(list(shapes_dataset("train").select([0, 0, 1, 1, 2, 2, 3, 3])))
     assert "old_log_likelihood" not in inputs and inputs["rollout_step"] == 0
@@ -138,7 +133,7 @@ def test_awm_skips_the_old_pass_when_every_step_trains_whole_rollouts(tmp_path):
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint_resumable(tmp_path):
     trainer = nft(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1)
-    policy_state, calls = trainer._policy_state, []
+    policy_state, calls = trainer.policies.state_dict, []
 
     def failing_second_time():
         calls.append(1)
@@ -146,7 +141,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_resumable(tmp_pat
             raise OSError("disk full")
         return policy_state()
 
-    trainer._policy_state = failing_second_time
+    trainer.policies.state_dict = failing_second_time
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     out = tmp_path / "nft"
@@ -156,7 +151,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_resumable(tmp_pat
             "pytorch_lora_weights.safetensors"} <= files
     resumed = nft(tmp_path, max_steps=2, save_strategy="no")
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
-    assert resumed.state.global_step == 2 and resumed._num_rollouts == 2  # the rollout count was restored
+    assert resumed.state.global_step == 2 and resumed._rollouts.count == 2  # the rollout count was restored
 
 
 def test_flow_trl_files_are_in_the_checkpoint_when_it_is_pushed(tmp_path):
@@ -187,11 +182,11 @@ def test_checkpoint_records_its_trainer(nft_checkpoint):
 
 def test_another_algorithms_checkpoint_is_refused(tmp_path, nft_checkpoint):
     awm = FlowAWMTrainer(MODEL, args=FlowAWMConfig(output_dir=str(tmp_path / "awm"), **TINY), reward_funcs=redness,
-                         train_dataset=prompts(), peft_config=LoraConfig(r=4))
+                         train_dataset=train_prompts(16), peft_config=LoraConfig(r=4))
     with pytest.raises(ValueError, match=r"saved by FlowNFTTrainer \(NFT\); FlowAWMTrainer \(AWM\) cannot resume"):
         awm.train(resume_from_checkpoint=nft_checkpoint)
     grpo = DanceGRPOTrainer(MODEL, args=DanceGRPOConfig(output_dir=str(tmp_path / "grpo"), **TINY),
-                            reward_funcs=redness, train_dataset=prompts(), peft_config=LoraConfig(r=4))
+                            reward_funcs=redness, train_dataset=train_prompts(16), peft_config=LoraConfig(r=4))
     with pytest.raises(ValueError, match="Resume it with FlowNFTTrainer"):  # GRPO keeps no extra policy to miss
         grpo._load_from_checkpoint(nft_checkpoint)
 
@@ -209,6 +204,6 @@ def test_checkpoint_without_record_is_accepted_with_a_warning_and_policies_are_c
     with pytest.warns(UserWarning, match="has no flow_trl_trainer.json"):
         nft(tmp_path)._load_from_checkpoint(str(old))
     awm = FlowAWMTrainer(MODEL, args=FlowAWMConfig(output_dir=str(tmp_path / "awm"), **TINY), reward_funcs=redness,
-                         train_dataset=prompts(), peft_config=LoraConfig(r=4))
+                         train_dataset=train_prompts(16), peft_config=LoraConfig(r=4))
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="does not hold the policies FlowAWMTrainer keeps"):
         awm._load_from_checkpoint(str(old))

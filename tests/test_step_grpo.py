@@ -2,33 +2,20 @@
 
 import pytest
 import torch
+from helpers import MODEL, tiny_config, train_prompts
 from peft import LoraConfig
 
 from flow_trl import DiffusionRewardModel, StepGRPOConfig, StepGRPOTrainer
 from flow_trl.advantages import mix_advantages, step_advantages
-from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
+from flow_trl.toy import shapes_dataset
 from flow_trl.trainer.grpo_trainer import DanceGRPOTrainer
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
+STEP_GRPO = dict(learning_rate=1e-2, timestep_fraction=1.0)
 
 
 def step_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "step-grpo"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        num_inference_steps=4,
-        max_steps=1,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        timestep_fraction=1.0,
-    )
-    kwargs.update(overrides)
-    return StepGRPOConfig(**kwargs)
+    return tiny_config(StepGRPOConfig, tmp_path / "step-grpo", **{**STEP_GRPO, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +65,7 @@ def test_transition_advantages_index_per_step_or_broadcast():
 def test_rollout_gets_per_step_advantages_from_the_drm_and_ratio_one(tmp_path, drm, mode):
     args = step_config(tmp_path, step_advantage=mode)
     trainer = StepGRPOTrainer(
-        MODEL, args=args, drm=drm, train_dataset=shapes_dataset("train").select(range(8)), peft_config=LoraConfig(r=4)
+        MODEL, args=args, drm=drm, train_dataset=train_prompts(8), peft_config=LoraConfig(r=4)
     )
     assert trainer.reward_func_names == ["drm"]  # no reward_funcs: the DRM on the final images
     inputs = trainer._generate_and_score(list(shapes_dataset("train").select([0, 0, 1, 1])))
@@ -103,7 +90,7 @@ def test_step_grpo_trains_and_terminal_weight_one_is_grpo(tmp_path, drm):
         args=args,
         drm=drm,
         reward_funcs="shapes",
-        train_dataset=shapes_dataset("train").select(range(8)),
+        train_dataset=train_prompts(8),
         peft_config=LoraConfig(r=4),
     )
     inputs = trainer._generate_and_score(list(shapes_dataset("train").select([0, 0, 1, 1])))

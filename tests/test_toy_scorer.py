@@ -1,5 +1,7 @@
 """The GenEval-style shapes scorer: detection, partial credit, strict accuracy, quality, reward API and metric."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,6 @@ from scipy import ndimage
 
 from flow_trl.toy import ShapesReward, aggregate, detect_objects, quality, score_batch, score_image
 from flow_trl.toy.evaluation import evaluation_rows
-from flow_trl.toy.scorer import sanity_figures
 from flow_trl.toy.world import BACKGROUND, render, render_batch, render_layout
 
 
@@ -15,6 +16,21 @@ def draw(*objects):
     """Render explicit objects ``(shape, color, cx, cy)`` (radius 8) as a ``[3, 64, 64]`` tensor."""
     layout = [{"shape": s, "color": c, "cx": x, "cy": y, "r": 8.0} for s, c, x, y in objects]
     return torch.from_numpy(render_layout(layout)).permute(2, 0, 1).contiguous()
+
+
+def sanity_figures(num_per_family: int = 48, seed: int = 10_000) -> dict[str, float]:
+    """Scorer sanity on held-out prompts: ground truth, blurred ground truth, noise, and another prompt's render."""
+    rows = evaluation_rows(num_per_family, seed)
+    truth = render_batch(rows, [r["seed"] for r in rows])
+    blurred = torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), sigma=(0, 0, 0.8, 0.8)))
+    noise = torch.rand(truth.shape, generator=torch.Generator().manual_seed(seed))
+    shifted = [rows[(i + math.ceil(len(rows) / 2)) % len(rows)] for i in range(len(rows))]
+    other = render_batch(shifted, [r["seed"] for r in rows])
+    figures = {}
+    for name, images in (("truth", truth), ("blurred", blurred), ("noise", noise), ("other_prompt", other)):
+        summary = aggregate(score_batch(images, rows))
+        figures.update({f"{name}/{k}": v for k, v in summary.items() if "/" not in k})
+    return figures
 
 
 def test_detects_every_shape_and_colour_with_its_position():

@@ -3,47 +3,26 @@
 import pytest
 import torch
 from datasets import Dataset
-from helpers import redness
+from helpers import MODEL, redness, tiny_config, tiny_lora, train_prompts
 from peft import LoraConfig
 from transformers import TrainerCallback
 
 from flow_trl import FlowNFTConfig, FlowNFTTrainer
 from flow_trl.sampling import STEP_TYPES, step
-from flow_trl.toy import SHAPES_PIPELINE_DIR, load_shapes_pipeline, shapes_dataset
-from flow_trl.trainer.base_trainer import RepeatSampler
+from flow_trl.toy import load_shapes_pipeline, shapes_dataset
+from flow_trl.trainer.rollout_buffer import RepeatSampler
 
 
-MODEL = str(SHAPES_PIPELINE_DIR)
+NFT = dict(max_steps=2, learning_rate=1e-2)
 
 
-def tiny_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        num_inference_steps=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return FlowNFTConfig(**kwargs)
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian")
-
-
-def prompts():
-    return shapes_dataset("train").select(range(16))
+def nft_config(tmp_path, **overrides):
+    return tiny_config(FlowNFTConfig, tmp_path / "out", **{**NFT, **overrides})
 
 
 def test_nft_trains_the_lora_and_nothing_else(tmp_path):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs=[redness, "shapes"],
-                             train_dataset=prompts(), peft_config=lora())
+    trainer = FlowNFTTrainer(MODEL, args=nft_config(tmp_path), reward_funcs=[redness, "shapes"],
+                             train_dataset=train_prompts(16), peft_config=tiny_lora())
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
     trainer.train()
     after = dict(trainer.transformer.named_parameters())
@@ -63,7 +42,7 @@ def test_nft_trains_the_lora_and_nothing_else(tmp_path):
 
 
 def test_lora_targets_default_to_the_family_attention_projections(tmp_path):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs="shapes", train_dataset=prompts(),
+    trainer = FlowNFTTrainer(MODEL, args=nft_config(tmp_path), reward_funcs="shapes", train_dataset=train_prompts(16),
                              peft_config=LoraConfig(r=4))
     names = [n for n, _ in trainer.transformer.named_parameters() if ".default." in n]
     assert any("add_q_proj" in n for n in names) and any("attn.to_q" in n for n in names)
@@ -74,8 +53,8 @@ def test_lora_targets_default_to_the_family_attention_projections(tmp_path):
 
 
 def test_every_default_lora_weight_gets_a_gradient(tmp_path):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, max_steps=1), reward_funcs=redness,
-                             train_dataset=prompts(), peft_config=LoraConfig(r=4))
+    trainer = FlowNFTTrainer(MODEL, args=nft_config(tmp_path, max_steps=1), reward_funcs=redness,
+                             train_dataset=train_prompts(16), peft_config=LoraConfig(r=4))
     trainer.train()
     lora_b = {n: p for n, p in trainer.transformer.named_parameters() if ".default." in n and "lora_B" in n}
     dead = [n for n, p in lora_b.items() if torch.count_nonzero(p) == 0]  # B starts at 0: one step moves it
@@ -83,8 +62,8 @@ def test_every_default_lora_weight_gets_a_gradient(tmp_path):
 
 
 def test_saved_lora_loads_in_diffusers_and_reproduces_samples(tmp_path):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs="shapes", train_dataset=prompts(),
-                             peft_config=lora())
+    trainer = FlowNFTTrainer(MODEL, args=nft_config(tmp_path), reward_funcs="shapes", train_dataset=train_prompts(16),
+                             peft_config=tiny_lora())
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
@@ -116,15 +95,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, mode):
     options = dict(full_finetune_params="linear", lora_export_rank=128, learning_rate=1e-3) if mode != "lora" else {}
 
     def run(out, stop_at=None, resume=None):
-        args = tiny_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2, **options)
-        trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(),
-                                 peft_config=None if options else lora(),
+        args = nft_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2, **options)
+        trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                                 peft_config=None if options else tiny_lora(),
                                  callbacks=[StopAt(stop_at)] if stop_at else None)
         trainer.train(resume_from_checkpoint=resume)
         if not options:
             return {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if "lora_" in n}
-        policies = {"default": trainer.transformer, "old": trainer._policy_models["old"]}
-        return {f"{k}.{n}": p.detach().clone() for k, m in policies.items() for n, p in m.named_parameters()}
+        trained = {f"default.{n}": p.detach().clone() for n, p in trainer.transformer.named_parameters()}
+        return {**trained, **trainer.policies.state_dict()}  # the old policy as "old.<name>"
 
     full = run(tmp_path / "full")
     interrupted = run(tmp_path / "part", stop_at=2)
@@ -137,8 +116,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, mode):
 
 @pytest.mark.parametrize("step_type", [t for t in STEP_TYPES if t != "ode"])
 def test_rollout_and_training_share_one_velocity_function_ratio_is_one(tmp_path, step_type):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, guidance_scale=3.0), reward_funcs="shapes",
-                             train_dataset=prompts(), peft_config=lora())
+    trainer = FlowNFTTrainer(MODEL, args=nft_config(tmp_path, guidance_scale=3.0), reward_funcs="shapes",
+                             train_dataset=train_prompts(16), peft_config=tiny_lora())
     batch = ["a photo of a red circle", "a photo of two squares"]
     cond, chunks = trainer.sample(batch, torch.Generator().manual_seed(0), step_type=step_type)
     out = chunks[0]
@@ -155,16 +134,17 @@ def test_rollout_and_training_share_one_velocity_function_ratio_is_one(tmp_path,
 
 
 def test_norm_guard_is_applied_and_logged(tmp_path):
-    args = tiny_config(tmp_path, norm_guard_coef=1.0, max_steps=1)
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(), peft_config=lora())
+    args = nft_config(tmp_path, norm_guard_coef=1.0, max_steps=1)
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                             peft_config=tiny_lora())
     trainer.train()
     logs = {k for entry in trainer.state.log_history for k in entry}
     assert {"norm_guard/loss", "norm_guard/active_frac", "velocity_norm_ratio"} <= logs
 
 
 def test_full_fine_tuning_trains_every_transformer_weight(tmp_path):
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, max_steps=1, learning_rate=1e-3),
-                             reward_funcs=redness, train_dataset=prompts())
+    trainer = FlowNFTTrainer(MODEL, args=nft_config(tmp_path, max_steps=1, learning_rate=1e-3),
+                             reward_funcs=redness, train_dataset=train_prompts(16))
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
     trainer.train()
     changed = [n for n, p in trainer.transformer.named_parameters() if not torch.equal(before[n], p)]
@@ -174,8 +154,8 @@ def test_full_fine_tuning_trains_every_transformer_weight(tmp_path):
 
 
 def test_linear_full_fine_tuning_trains_only_linear_weights_and_exports_an_exact_lora(tmp_path):
-    args = tiny_config(tmp_path, max_steps=1, learning_rate=1e-3, full_finetune_params="linear", lora_export_rank=128)
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts())
+    args = nft_config(tmp_path, max_steps=1, learning_rate=1e-3, full_finetune_params="linear", lora_export_rank=128)
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=train_prompts(16))
     linear = {f"{n}.weight" for n, m in trainer.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {n for n, p in trainer.transformer.named_parameters() if p.requires_grad} == linear
     before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
@@ -201,18 +181,18 @@ def test_linear_full_fine_tuning_trains_only_linear_weights_and_exports_an_exact
 
 def test_full_fine_tuning_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="full_finetune_params must be one of"):
-        tiny_config(tmp_path, full_finetune_params="attention")
+        nft_config(tmp_path, full_finetune_params="attention")
     with pytest.raises(ValueError, match="full_finetune_params='linear'"):
-        tiny_config(tmp_path, lora_export_rank=8)
+        nft_config(tmp_path, lora_export_rank=8)
     with pytest.raises(ValueError, match="apply to full fine-tuning"):
-        FlowNFTTrainer(MODEL, args=tiny_config(tmp_path, full_finetune_params="linear"), reward_funcs="shapes",
-                       train_dataset=prompts(), peft_config=lora())
+        FlowNFTTrainer(MODEL, args=nft_config(tmp_path, full_finetune_params="linear"), reward_funcs="shapes",
+                       train_dataset=train_prompts(16), peft_config=tiny_lora())
 
 
 def test_evaluate_scores_held_out_prompts_with_fixed_seeds(tmp_path):
-    args = tiny_config(tmp_path, num_images_to_log=4, per_device_eval_batch_size=4)
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(),
-                             eval_dataset=shapes_dataset("test").select(range(6)), peft_config=lora())
+    args = nft_config(tmp_path, num_images_to_log=4, per_device_eval_batch_size=4)
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                             eval_dataset=shapes_dataset("test").select(range(6)), peft_config=tiny_lora())
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first == second
     assert 0.0 <= first["eval_rewards/shapes/mean"] <= 1.0
@@ -221,9 +201,9 @@ def test_evaluate_scores_held_out_prompts_with_fixed_seeds(tmp_path):
 
 
 def test_evaluate_at_several_step_counts(tmp_path):
-    args = tiny_config(tmp_path, num_images_to_log=0, eval_num_inference_steps=[4, 2])
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(),
-                             eval_dataset=shapes_dataset("test").select(range(6)), peft_config=lora())
+    args = nft_config(tmp_path, num_images_to_log=0, eval_num_inference_steps=[4, 2])
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                             eval_dataset=shapes_dataset("test").select(range(6)), peft_config=tiny_lora())
     metrics = trainer.evaluate()
     assert metrics["eval_reward@4"] == metrics["eval_reward"]  # 4 is the training step count: same samples
     assert "eval_reward@2" in metrics and "eval_rewards/shapes/mean@2" in metrics
@@ -246,18 +226,18 @@ def test_repeat_sampler_keeps_groups_together():
 
 def test_dataset_without_prompt_column(tmp_path):
     with pytest.raises(ValueError, match="needs a 'prompt' column"):
-        FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs="shapes",
+        FlowNFTTrainer(MODEL, args=nft_config(tmp_path), reward_funcs="shapes",
                        train_dataset=Dataset.from_dict({"text": ["a photo of a circle"]}))
 
 
 def test_batch_not_divisible_by_num_generations(tmp_path):
     with pytest.raises(ValueError, match="must be divisible by num_generations"):
-        tiny_config(tmp_path, per_device_train_batch_size=3, num_generations=2)
+        nft_config(tmp_path, per_device_train_batch_size=3, num_generations=2)
 
 
 def test_unknown_reward_name(tmp_path):
     with pytest.raises(ValueError, match="Unknown reward 'pickscroe'"):
-        FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs=["pickscroe"], train_dataset=prompts())
+        FlowNFTTrainer(MODEL, args=nft_config(tmp_path), reward_funcs=["pickscroe"], train_dataset=train_prompts(16))
 
 
 def test_unsupported_pipeline(tmp_path):
@@ -267,7 +247,7 @@ def test_unsupported_pipeline(tmp_path):
         pass
 
     with pytest.raises(ValueError, match="MyPipeline is not supported.*StableDiffusion3Pipeline"):
-        FlowNFTTrainer(MyPipeline(), args=tiny_config(tmp_path), reward_funcs="shapes", train_dataset=prompts())
+        FlowNFTTrainer(MyPipeline(), args=nft_config(tmp_path), reward_funcs="shapes", train_dataset=train_prompts(16))
 
 
 def test_trl_style_positional_reward_is_refused(tmp_path):
@@ -275,22 +255,23 @@ def test_trl_style_positional_reward_is_refused(tmp_path):
         return [0.0] * len(prompts)
 
     with pytest.raises(TypeError, match="pass reward functions by keyword"):
-        FlowNFTTrainer(MODEL, reward, train_dataset=prompts())
+        FlowNFTTrainer(MODEL, reward, train_dataset=train_prompts(16))
 
 
 def test_wrong_length_reward(tmp_path):
     def bad(prompts, images, **kwargs):
         return [1.0]
 
-    trainer = FlowNFTTrainer(MODEL, args=tiny_config(tmp_path), reward_funcs=bad, train_dataset=prompts(),
-                             peft_config=lora())
+    trainer = FlowNFTTrainer(MODEL, args=nft_config(tmp_path), reward_funcs=bad, train_dataset=train_prompts(16),
+                             peft_config=tiny_lora())
     with pytest.raises(ValueError, match="'bad' returned 1 values for 4 images"):
         trainer.train()
 
 
 def test_gradient_checkpointing_goes_through_the_diffusers_api(tmp_path):
-    args = tiny_config(tmp_path, gradient_checkpointing=True, max_steps=1)
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(), peft_config=lora())
+    args = nft_config(tmp_path, gradient_checkpointing=True, max_steps=1)
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                             peft_config=tiny_lora())
     assert trainer.transformer.gradient_checkpointing
     assert not trainer.args.gradient_checkpointing and not trainer.args.activation_checkpointing  # not Trainer's
     trainer.train()

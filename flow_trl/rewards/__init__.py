@@ -12,8 +12,9 @@ instead of a list, strings, a wrong length, infinite values or values so large t
 overflows float32) is an error naming the function.
 
 Built-in reward models (one module per family; each is a `RewardModel`: lazy loading, input checks, batching,
-no gradient, ``device``/``dtype``/``batch_size`` arguments) are registered by name in `BUILTIN_REWARDS`; an
-``http(s)://`` URL names a `RemoteReward`. See docs/rewards.md.
+no gradient, ``device``/``dtype``/``batch_size`` arguments) and the shapes world's rewards are registered by name in
+`BUILTIN_REWARDS`, imported when a name is resolved; an ``http(s)://`` URL names a `RemoteReward`. See
+docs/rewards.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import importlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,30 +42,40 @@ from .remote import RemoteReward
 RewardFunc = Callable[..., Any]
 
 
-def _shapes(strict: bool = False) -> RewardFunc:
-    from ..toy.scorer import ShapesReward
+@dataclass(frozen=True)
+class BuiltinReward:
+    """A reward registered by name in `BUILTIN_REWARDS`: ``"module:attr"`` of a reward class (instantiated with
+    `kwargs`) or of a reward function, imported only when the name is resolved, so that registering a reward whose
+    module is heavy or optional costs nothing."""
 
-    return ShapesReward(strict=strict)
+    target: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> RewardFunc:
+        return _instantiate(_import_object(*self.target.split(":")), self.kwargs)
 
 
-def _shapes_quality() -> RewardFunc:
-    from ..toy.scorer import shapes_quality
-
-    return shapes_quality
+def _import_object(module_name: str, attr: str) -> Any:
+    return getattr(importlib.import_module(module_name), attr)
 
 
-BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
-    "shapes": _shapes,
-    "shapes_strict": functools.partial(_shapes, strict=True),
-    "shapes_quality": _shapes_quality,
-    "pickscore": PickScore,
-    "hpsv2": HPSv2,
-    "clipscore": CLIPScore,
-    "aesthetic": AestheticScore,
-    "ocr": OCRReward,
-    "geneval_owlv2": DetectorReward,
-    "jpeg_compressibility": JPEGCompressibility,
-    "jpeg_incompressibility": JPEGIncompressibility,
+def _instantiate(obj: Any, kwargs: Mapping[str, Any]) -> RewardFunc:
+    """A reward class becomes an instance (with `kwargs`); a reward function is used as it is."""
+    return obj(**kwargs) if isinstance(obj, type) else obj
+
+
+BUILTIN_REWARDS: dict[str, BuiltinReward] = {
+    "shapes": BuiltinReward("flow_trl.toy.scorer:ShapesReward"),
+    "shapes_strict": BuiltinReward("flow_trl.toy.scorer:ShapesReward", {"strict": True}),
+    "shapes_quality": BuiltinReward("flow_trl.toy.scorer:shapes_quality"),
+    "pickscore": BuiltinReward("flow_trl.rewards.clip_based:PickScore"),
+    "hpsv2": BuiltinReward("flow_trl.rewards.hpsv2:HPSv2"),
+    "clipscore": BuiltinReward("flow_trl.rewards.clip_based:CLIPScore"),
+    "aesthetic": BuiltinReward("flow_trl.rewards.clip_based:AestheticScore"),
+    "ocr": BuiltinReward("flow_trl.rewards.ocr:OCRReward"),
+    "geneval_owlv2": BuiltinReward("flow_trl.rewards.detection:DetectorReward"),
+    "jpeg_compressibility": BuiltinReward("flow_trl.rewards.compression:JPEGCompressibility"),
+    "jpeg_incompressibility": BuiltinReward("flow_trl.rewards.compression:JPEGIncompressibility"),
 }
 
 
@@ -80,16 +92,16 @@ def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | 
         if callable(func):
             resolved.append(func)
         elif isinstance(func, str) and func in BUILTIN_REWARDS:
-            resolved.append(BUILTIN_REWARDS[func]())
+            resolved.append(BUILTIN_REWARDS[func].load())
         elif isinstance(func, str) and func.startswith(("http://", "https://")):
             resolved.append(RemoteReward(func))
         elif isinstance(func, str) and "." in func:
             module_name, _, attr = func.rpartition(".")
             try:
-                imported = getattr(importlib.import_module(module_name), attr)
+                imported = _import_object(module_name, attr)
             except (ImportError, AttributeError) as err:
                 raise ValueError(f"Cannot import the reward function {func!r}: {err}") from None
-            resolved.append(imported() if isinstance(imported, type) else imported)  # a class: its default instance
+            resolved.append(_instantiate(imported, {}))  # a class: its default instance
         else:
             raise ValueError(
                 f"Unknown reward {func!r}. Built-in rewards: {', '.join(sorted(BUILTIN_REWARDS))}; "
@@ -272,6 +284,7 @@ def weighted_reward(rewards: torch.Tensor, weights: Sequence[float] | None = Non
 __all__ = [
     "BUILTIN_REWARDS",
     "AestheticScore",
+    "BuiltinReward",
     "CLIPScore",
     "DetectorReward",
     "HPSv2",

@@ -7,10 +7,10 @@ colour is checked by querying the detector with the coloured phrase (``"a photo 
 colour classifier on crops; a detection counts when its sigmoid score reaches ``threshold`` (0.1 by default, the
 value of OWLv2's own examples) after per-query non-maximum suppression at IoU ``nms_iou``.
 
-Metadata is the shapes world's format (`flow_trl.toy.world`): an ``objects`` column of clauses
-``{"shape": noun, "color": colour or None, "count": n}`` and a ``relation`` column (``None`` or one of
-``"left of"``, ``"right of"``, ``"above"``, ``"below"``, reading "objects[0] <relation> objects[1]"). Without these
-columns the prompt is parsed as a shapes-world prompt.
+Metadata is `flow_trl.rewards.geneval`'s: an ``objects`` column of clauses ``{"shape": noun, "color": colour or
+None, "count": n}`` and a ``relation`` column (``None`` or one of ``"left of"``, ``"right of"``, ``"above"``,
+``"below"``, reading "objects[0] <relation> objects[1]"). Without these columns each prompt is parsed in GenEval's
+grammar (`parse_geneval_prompt`: "a photo of two wine glasses", "a photo of a dog right of a teddy bear", ...).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..toy.world import RELATIONS, parse_prompt
 from .base import RewardModel, to_pil
+from .geneval import check_metadata, make_clause, noun_phrase, parse_geneval_prompt
 
 
 OWLV2_MODEL = "google/owlv2-base-patch16-ensemble"
@@ -29,7 +29,7 @@ POSITION_THRESHOLD = 0.1  # GenEval: centres must differ by more than 0.1 x the 
 
 
 def relative_position(box_a: np.ndarray, box_b: np.ndarray, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """GenEval's relations of box ``a`` to box ``b`` (``xyxy``, y down): a subset of :data:`RELATIONS`.
+    """GenEval's relations of box ``a`` to box ``b`` (``xyxy``, y down): a subset of `geneval.RELATIONS`.
 
     The centre offset along each axis shrinks by ``threshold * (size_a + size_b)`` on that axis; a relation holds
     when the shrunk offset, divided by the length of the full offset, exceeds 0.5 along its axis.
@@ -46,22 +46,9 @@ def relative_position(box_a: np.ndarray, box_b: np.ndarray, threshold: float = P
     return {relation for relation, holds in found.items() if holds}
 
 
-def phrase(clause: dict[str, Any], with_color: bool) -> str:
-    """The detector's text query for a clause: ``"a photo of a [colour] noun"``."""
-    words = [clause["color"], clause["shape"]] if with_color else [clause["shape"]]
-    return "a photo of a " + " ".join(words)
-
-
-def check_metadata(meta: dict[str, Any]) -> None:
-    """Raise a `ValueError` unless ``meta`` has non-empty object clauses and a valid (or no) relation."""
-    objects = meta.get("objects")
-    if not objects:
-        raise ValueError(f"Metadata needs a non-empty 'objects' list; got {meta!r}.")
-    for clause in objects:
-        if not isinstance(clause.get("shape"), str) or not clause["shape"] or int(clause.get("count", 0)) < 1:
-            raise ValueError(f"Bad object clause {clause!r}: 'shape' must name the object and 'count' be >= 1.")
-    if meta.get("relation") is not None and (meta["relation"] not in RELATIONS or len(objects) != 2):
-        raise ValueError(f"A relation must be one of {RELATIONS} between exactly two object clauses; got {meta!r}.")
+def phrase(item: dict[str, Any], with_color: bool) -> str:
+    """The detector's text query for a clause: ``"a photo of a/an [colour] noun"``."""
+    return "a photo of " + noun_phrase(make_clause(item["shape"], item["color"] if with_color else None))
 
 
 def queries(meta: dict[str, Any]) -> list[str]:
@@ -170,7 +157,7 @@ class DetectorReward(RewardModel):
         self, prompts: list[str], images: torch.Tensor, objects: list | None = None, relation: list | None = None
     ) -> list[float]:
         if objects is None:
-            metas = [parse_prompt(prompt) for prompt in prompts]
+            metas = [parse_geneval_prompt(prompt) for prompt in prompts]
         else:
             metas = [
                 {"objects": o, "relation": relation[i] if relation is not None else None}

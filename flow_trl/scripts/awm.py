@@ -14,7 +14,7 @@ from typing import Any
 from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
-# The shapes-world recipe (measured figures: docs/benchmarks.md). Without the EMA-adapter KL (`ema_beta`) and at
+# The shapes-world recipe (measured figures: docs/benchmarks.md). Without the EMA-adapter KL (`ema_kl_coef`) and at
 # lr 3e-3 the policy collapsed within 100 steps (training reward 0.21 -> 0.10).
 SHAPES_AWM_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
@@ -22,7 +22,7 @@ SHAPES_AWM_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3,
     "num_train_timesteps": 3,
     "beta": 0.0,
-    "ema_beta": 1.0,
+    "ema_kl_coef": 1.0,
 }
 
 

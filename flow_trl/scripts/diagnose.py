@@ -1,6 +1,6 @@
 """`flow-trl diagnose`: NormGuard's diagnostics of shapes-world models (base, or with trained LoRAs).
 
-    flow-trl diagnose --lora runs/nft/norm_guard_0 runs/nft/norm_guard_1 --output_dir diagnose
+    flow-trl diagnose --lora shapes-nft shapes-nft-normguard --output_dir diagnose
 
 For the base model and each LoRA (its reference: the same pipeline with the LoRA disabled), on held-out prompts:
 

@@ -16,8 +16,9 @@ from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 
 # The shapes-world recipe (measured figures: docs/benchmarks.md). A LoRA on a CPU budget needs a larger step than
-# the references' (lr 3e-4, clip 1e-4): with those the redness sanity reward moved 0.18 -> 0.22 in 60 steps, with lr
-# 3e-3 and clip 1e-3 0.17 -> 0.33 (clip 1e-4 clipped ~40% of the second micro-batch of each rollout).
+# the references' (lr 3e-4, clip 1e-4): with those a dense sanity reward hardly moved in 60 steps, and clip 1e-4
+# clipped about 40% of the second micro-batch of each rollout. `timestep_fraction` 0.4 trains 4 of the 9 stochastic
+# transitions of the 10 steps per sample.
 SHAPES_GRPO_DEFAULTS: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-grpo",

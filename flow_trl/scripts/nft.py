@@ -17,8 +17,7 @@ from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 # The LoRA recipe on the shapes world: 250 steps of 64 images, 3 of the 10 grid timesteps per sample (more samples
 # for the same compute), no KL, the six GenEval families' training prompts sampled equally often (the evaluation
-# weighs them equally). `flow-trl nft`'s default until 2026-12-06 (+0.082 on average over eight seeds), and the
-# recipe of flow-trl opd's shapes-world teachers, which must be LoRAs. Measured figures: docs/benchmarks.md.
+# weighs them equally). The recipe of flow-trl opd's shapes-world teachers, which must be LoRAs.
 SHAPES_NFT_LORA_RECIPE: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-nft",
@@ -28,7 +27,7 @@ SHAPES_NFT_LORA_RECIPE: dict[str, Any] = {
     "learning_rate": 3e-3,
     "timestep_fraction": 0.3,
     "beta": 0.0,
-    "nft_beta": 1.0,
+    "implicit_policy_strength": 1.0,
 }
 
 # `flow-trl nft`'s shapes-world recipe: the LoRA recipe's rollouts and loss, but the weights of every linear layer

@@ -10,7 +10,8 @@ dataset column `--task_column`. With a model:
 With no `--model`, the shapes world: two teachers, one on the object families (single_object, two_object,
 counting) and one on the attribute families (colors, position, color_attr), read from `--teacher_dir`
 (`<output_dir>/teachers` by default). `--train_teachers` first trains the missing ones there with `flow-trl nft`'s
-shapes recipe on their families (`--teacher_max_steps` steps each); without it, missing teachers are an error.
+LoRA recipe (`SHAPES_NFT_LORA_RECIPE`) on their families (`--teacher_max_steps` steps each); without it, missing
+teachers are an error.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .utils import (
 )
 
 
-# The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 40% of the 9 stochastic steps), Flow-OPD's SDE (flow, eta
+# The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 4 of the 9 stochastic steps), Flow-OPD's SDE (flow, eta
 # 0.7), MAR 0.04 to the base model, the student starting from the mean of the teachers (docs/opd.md).
 SHAPES_OPD_DEFAULTS: dict[str, Any] = {
     **SHAPES_GRPO_DEFAULTS,
@@ -76,8 +77,8 @@ class OPDScriptArguments(ScriptArguments):
 def train_shapes_teacher(
     families: tuple[str, ...], output_dir: Path, script_args: ScriptArguments, student_args, max_steps: int
 ) -> None:
-    """Train one shapes-world teacher: `flow-trl nft`'s recipe on `families`' prompts, the student's LoRA shape and
-    rollout geometry; saves its LoRA to `output_dir`."""
+    """Train one shapes-world teacher: `flow-trl nft`'s LoRA recipe on `families`' prompts, the student's LoRA shape
+    and rollout geometry; saves its LoRA to `output_dir`."""
     from ..toy import SHAPES_PIPELINE_DIR, shapes_dataset
     from ..trainer import FlowNFTConfig, FlowNFTTrainer
 

@@ -18,7 +18,7 @@ from .grpo import SHAPES_GRPO_DEFAULTS
 from .utils import TrainerScript
 
 
-# The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 40% of the steps), the DRM of `flow-trl drm`.
+# The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 4 of the 9 stochastic steps), the DRM of `flow-trl drm`.
 SHAPES_STEP_GRPO_DEFAULTS: dict[str, Any] = {
     **SHAPES_GRPO_DEFAULTS,
     "output_dir": "shapes-step-grpo",

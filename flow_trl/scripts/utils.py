@@ -6,14 +6,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
+from trl import TrlParser
 
 from ..cli import UsageError, exit_on_usage_error
 
@@ -90,13 +89,14 @@ class _CompactHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{action.option_strings[0]} {self._format_args(action, action.dest.upper())}"
 
 
-class FlowTrlParser(HfArgumentParser):
-    """`HfArgumentParser` with ``--config file.yaml``: YAML values become defaults, flags override them.
+class FlowTrlParser(TrlParser):
+    """TRL's [`~trl.TrlParser`] (``--config file.yaml``: YAML values become defaults, flags override them; an ``env:``
+    mapping sets environment variables) with stricter, friendlier handling of what users get wrong.
 
+    ``--config=file.yaml`` and ``--config`` anywhere among the flags work; a ``--config`` without a value is an error.
     YAML keys and values are checked like flags (an unknown key, a list for a single-valued flag or a value of the
-    wrong type is an error: a typo must not be silently ignored); an ``env:`` mapping sets environment variables.
-    ``--help`` lists the common flags, ``--help-all`` every flag. Mistakes raise [`UsageError`] (one line for the
-    user) rather than exiting.
+    wrong type is an error: a typo must not be silently ignored). ``--help`` lists the common flags, ``--help-all``
+    every flag. Mistakes raise [`UsageError`] (one line for the user) rather than exiting.
     """
 
     def __init__(self, dataclass_types, prog: str | None = None, **kwargs):
@@ -111,6 +111,7 @@ class FlowTrlParser(HfArgumentParser):
             help="YAML mapping of flag names to values (flags given as well override it); an `env:` mapping in it "
             "sets environment variables.",
         )
+        self._config_path: str | None = None  # the file `set_defaults_with_config` is reading, for its messages
 
     def error(self, message: str):
         raise UsageError(f"{message} (`{self.prog} --help-all` lists every flag)")
@@ -131,32 +132,17 @@ class FlowTrlParser(HfArgumentParser):
         )
         return formatter.format_help()
 
-    def read_config(self, path: str) -> dict[str, Any]:
-        """The flag values of a YAML file, checked like flags; sets the environment variables of its ``env:``."""
-        try:
-            with open(path) as f:
-                config = yaml.safe_load(f)
-        except OSError as err:
-            raise UsageError(f"--config {path}: {err.strerror}.") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
-            raise UsageError(f"--config {path} is not valid YAML{where}: {problem}.") from None
-        config = {} if config is None else config
-        if not isinstance(config, dict):
-            kind = type(config).__name__
-            raise UsageError(f"--config {path} must be a mapping of flag names to values; got a {kind}.")
-        env = config.pop("env", None) or {}
-        if not isinstance(env, dict):
-            raise UsageError(f"--config {path}: `env` must be a mapping of variable names to values.")
+    def set_defaults_with_config(self, **config: Any) -> list[str]:
+        """`TrlParser`'s YAML defaults, each key and value checked as its flag would be first (a `UsageError` names
+        the file and the key). Returns no remaining strings: an unknown key is an error, not left over."""
+        path = self._config_path
         known = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise UsageError(f"Unknown keys in {path}: {unknown}. Check their spelling against `--help-all`.")
-        for key, value in env.items():
-            os.environ[str(key)] = str(value)
-        return {key: self._config_value(path, key, value) for key, value in config.items()}
+        return super().set_defaults_with_config(
+            **{key: self._config_value(path, key, value) for key, value in config.items()}
+        )
 
     def _config_value(self, path: str, key: str, value: Any) -> Any:
         """`value` as the flag `--key` would parse it (lists for multi-valued flags); a `UsageError` if it cannot."""
@@ -185,24 +171,36 @@ class FlowTrlParser(HfArgumentParser):
 
     def parse_args_and_config(self, args: list[str] | None = None, defaults: dict[str, Any] | None = None):
         """The dataclasses from `defaults`, then the ``--config`` file (``--config F`` or ``--config=F``), then the
-        flags, each overriding the one before."""
+        flags, each overriding the one before.
+
+        ``--config`` is found with argparse, then handed to `TrlParser.parse_args_and_config` as the leading
+        ``--config F`` it reads; its errors (a missing file, invalid YAML, a non-mapping, a config's own validation)
+        become one-line `UsageError`s.
+        """
         argv = list(args) if args is not None else sys.argv[1:]
         pre = argparse.ArgumentParser(prog=self.prog, add_help=False, allow_abbrev=False)
         pre.add_argument("--config", metavar="FILE.yaml")
         pre.error = self.error
         known, argv = pre.parse_known_args(argv)
-        values = dict(defaults or {})
-        if known.config is not None:
-            values.update(self.read_config(known.config))
-        self.set_defaults(**values)
-        for action in self._actions:  # a default from YAML satisfies a required flag
-            if action.dest in values:
-                action.required = False
+        path = self._config_path = known.config
+        if defaults:
+            super().set_defaults_with_config(**defaults)
+        if path is not None:
+            argv = ["--config", path, *argv]
         try:
-            *outputs, remaining = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+            *outputs, remaining = super().parse_args_and_config(argv, return_remaining_strings=True)
         except UsageError:
             raise
-        except ValueError as err:  # a config's own validation (`__post_init__`) of the values given
+        except OSError as err:
+            if path is None or err.filename != path:
+                raise
+            raise UsageError(f"--config {path}: {err.strerror}.") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+            raise UsageError(f"--config {path} is not valid YAML{where}: {problem}.") from None
+        except ValueError as err:  # a non-mapping file or `env`, or a config's own validation (`__post_init__`)
             raise UsageError(str(err)) from None
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
@@ -417,6 +415,7 @@ def run_training(trainer_class, script_args: ScriptArguments, training_args, tra
         Path(training_args.output_dir, "shapes_eval.json").write_text(json.dumps(report, indent=2))
         card["evaluation"] = shapes_card_table(report["before"], report["after"])
         card["sample_image"] = Path(training_args.output_dir, "samples_after.png")
+        card.update(base_expr="str(SHAPES_PIPELINE_DIR)", base_import="from flow_trl.toy import SHAPES_PIPELINE_DIR")
     trainer.create_model_card(dataset_name=script_args.dataset_name, **card)
     if trainer.is_world_process_zero():
         print(f"adapter, model card (README.md) and sample grids are in {training_args.output_dir}/")

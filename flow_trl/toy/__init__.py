@@ -6,7 +6,8 @@
 >>> evaluate_pipeline(pipe)["score"]         # held-out GenEval-style partial credit
 """
 
-from .evaluation import evaluate_pipeline, evaluation_rows, generate, save_image_grid, sigma_schedule
+from ..images import save_image_grid
+from .evaluation import evaluate_pipeline, evaluation_rows, generate, sigma_schedule
 from .pipeline import SHAPES_PIPELINE_DIR, build_untrained_pipeline, load_shapes_pipeline
 from .scorer import ShapesReward, aggregate, detect_objects, quality, score_batch, score_image
 from .world import (

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a text-to-image pipeline on the shapes world, and image grids a person can look at."""
+"""Held-out evaluation of a text-to-image pipeline on the shapes world."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..images import save_image_grid
 from .scorer import aggregate, score_batch
 from .world import TAGS, split_prompts
 
@@ -70,29 +71,6 @@ def generate(
         )
         images.append(out.images.float().cpu().clamp(0, 1))
     return torch.cat(images)
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, ncols: int = 8, scale: int = 2, labels=None):
-    """Save ``[B, 3, H, W]`` images in [0, 1] as a PNG grid (upscaled `scale` times, 2-pixel white gutters).
-
-    `labels`, one string per row, are written at the left of each row.
-    """
-    from PIL import Image, ImageDraw
-
-    b, _, h, w = images.shape
-    nrows = -(-b // ncols)
-    cell_h, cell_w, gutter = h * scale, w * scale, 2
-    label_w = 100 if labels else 0
-    grid = Image.new("RGB", (label_w + ncols * (cell_w + gutter), nrows * (cell_h + gutter)), "white")
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for k in range(b):
-        tile = Image.fromarray(pixels[k]).resize((cell_w, cell_h), Image.NEAREST)
-        grid.paste(tile, (label_w + (k % ncols) * (cell_w + gutter), (k // ncols) * (cell_h + gutter)))
-    if labels:
-        draw = ImageDraw.Draw(grid)
-        for r, text in enumerate(labels[:nrows]):
-            draw.text((4, r * (cell_h + gutter) + cell_h // 2 - 6), text, fill="black")
-    grid.save(path)
 
 
 def evaluate_pipeline(

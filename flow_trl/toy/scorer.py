@@ -25,7 +25,6 @@ of isolated speckle, so that reward hacking shows as falling quality while the s
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -287,21 +286,3 @@ def shapes_quality(prompts: list[str], images: torch.Tensor, **kwargs) -> list[f
     if len(pixels) != len(prompts):
         raise ValueError(f"Got {len(prompts)} prompts but {len(pixels)} images; they must match.")
     return [quality(image)["quality"] for image in pixels.transpose(0, 3, 1, 2)]
-
-
-def sanity_figures(num_per_family: int = 48, seed: int = 10_000) -> dict[str, float]:
-    """Scorer sanity on held-out prompts: ground truth, blurred ground truth, noise, and another prompt's render."""
-    from .evaluation import evaluation_rows
-    from .world import render_batch
-
-    rows = evaluation_rows(num_per_family, seed)
-    truth = render_batch(rows, [r["seed"] for r in rows])
-    blurred = torch.from_numpy(ndimage.gaussian_filter(truth.numpy(), sigma=(0, 0, 0.8, 0.8)))
-    noise = torch.rand(truth.shape, generator=torch.Generator().manual_seed(seed))
-    shifted = [rows[(i + math.ceil(len(rows) / 2)) % len(rows)] for i in range(len(rows))]
-    other = render_batch(shifted, [r["seed"] for r in rows])
-    figures = {}
-    for name, images in (("truth", truth), ("blurred", blurred), ("noise", noise), ("other_prompt", other)):
-        summary = aggregate(score_batch(images, rows))
-        figures.update({f"{name}/{k}": v for k, v in summary.items() if "/" not in k})
-    return figures

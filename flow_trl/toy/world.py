@@ -6,18 +6,20 @@ Every prompt has machine-readable metadata:
 - ``objects``: a list of clauses ``{"shape": str, "color": str | None, "count": int}``.
 - ``relation``: ``None`` or one of :data:`RELATIONS`; it reads "objects[0] <relation> objects[1]".
 
-The same metadata drives the renderer (:func:`render`) and the scorer (:mod:`flow_trl.toy.scorer`), and
-:func:`parse_prompt` recovers it from the prompt text alone, so a reward needs no extra columns.
+The format is GenEval's (`flow_trl.rewards.geneval`). The same metadata drives the renderer (:func:`render`) and the
+scorer (:mod:`flow_trl.toy.scorer`), and :func:`parse_prompt` recovers it from the prompt text alone, so a reward
+needs no extra columns.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..rewards.geneval import NUMBER_WORDS, RELATIONS, TAGS, make_clause, noun_phrase, parse_geneval_prompt
 
 
 IMAGE_SIZE = 64
@@ -31,10 +33,6 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 }
 COLORS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-RELATIONS = ("left of", "right of", "above", "below")
-TAGS = ("single_object", "colors", "two_object", "counting", "position", "color_attr")
 TEMPLATES = ("a photo of", "an image of", "a picture of", "a drawing of")
 HELD_OUT_FRACTION = 0.25
 SPLITS = ("train", "test")
@@ -42,45 +40,37 @@ SPLITS = ("train", "test")
 Metadata = dict[str, Any]
 
 
-def _clause(shape: str, color: str | None = None, count: int = 1) -> dict[str, Any]:
-    return {"shape": shape, "color": color, "count": count}
-
-
-def _noun_phrase(clause: dict[str, Any]) -> str:
-    count, shape, color = clause["count"], clause["shape"], clause["color"]
-    if count == 1:
-        words = ([color] if color else []) + [shape]
-        return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
-    return " ".join([NUMBER_WORDS[count]] + ([color] if color else []) + [PLURALS[shape]])
-
-
 def metadata_to_body(meta: Metadata) -> str:
     """The prompt text without its template prefix, e.g. ``"a red circle and a blue square"``."""
     objects = meta["objects"]
     if meta["relation"]:
-        return f"{_noun_phrase(objects[0])} {meta['relation']} {_noun_phrase(objects[1])}"
-    return " and ".join(_noun_phrase(o) for o in objects)
+        return f"{noun_phrase(objects[0])} {meta['relation']} {noun_phrase(objects[1])}"
+    return " and ".join(noun_phrase(o) for o in objects)
 
 
 def _family_bodies(tag: str) -> list[Metadata]:
     ordered_pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
     if tag == "single_object":
-        clauses = [[_clause(s)] for s in SHAPES]
+        clauses = [[make_clause(s)] for s in SHAPES]
     elif tag == "colors":
-        clauses = [[_clause(s, c)] for s in SHAPES for c in COLORS]
+        clauses = [[make_clause(s, c)] for s in SHAPES for c in COLORS]
     elif tag == "two_object":
-        clauses = [[_clause(a), _clause(b)] for a, b in ordered_pairs]
+        clauses = [[make_clause(a), make_clause(b)] for a, b in ordered_pairs]
     elif tag == "counting":
-        clauses = [[_clause(s, None, n)] for s in SHAPES for n in NUMBER_WORDS]
+        clauses = [[make_clause(s, None, n)] for s in SHAPES for n in NUMBER_WORDS]
     elif tag == "position":
         return [
-            {"tag": tag, "objects": [_clause(a), _clause(b)], "relation": rel}
+            {"tag": tag, "objects": [make_clause(a), make_clause(b)], "relation": rel}
             for a, b in ordered_pairs
             for rel in RELATIONS
         ]
     elif tag == "color_attr":
         clauses = [
-            [_clause(a, ca), _clause(b, cb)] for a, b in ordered_pairs for ca in COLORS for cb in COLORS if ca != cb
+            [make_clause(a, ca), make_clause(b, cb)]
+            for a, b in ordered_pairs
+            for ca in COLORS
+            for cb in COLORS
+            if ca != cb
         ]
     else:
         raise ValueError(f"Unknown tag {tag!r}; expected one of {TAGS}.")
@@ -158,52 +148,15 @@ def shapes_preference_dataset(split: str = "train", num_pairs: int | None = None
     return Dataset.from_list(out)
 
 
-_PROMPT_RE = re.compile(r"^(?:(?:" + "|".join(TEMPLATES) + r") )?(?P<body>.+)$")
-
-
-def _parse_noun_phrase(text: str) -> dict[str, Any]:
-    words = text.split()
-    count = 1
-    if words and words[0] in ("a", "an"):
-        words = words[1:]
-    elif words and words[0] in NUMBER_WORDS.values():
-        count = {v: k for k, v in NUMBER_WORDS.items()}[words[0]]
-        words = words[1:]
-    color = None
-    if len(words) == 2 and words[0] in COLORS:
-        color, words = words[0], words[1:]
-    if len(words) != 1:
-        raise ValueError(f"Cannot parse the noun phrase {text!r}.")
-    shape = words[0] if count == 1 else {v: k for k, v in PLURALS.items()}.get(words[0])
-    if shape not in SHAPES:
-        raise ValueError(f"Cannot parse the noun phrase {text!r}: unknown shape {words[0]!r}.")
-    return _clause(shape, color, count)
-
-
 def parse_prompt(prompt: str) -> Metadata:
-    """Recover ``{"tag", "objects", "relation"}`` from a shapes-world prompt.
+    """Recover ``{"tag", "objects", "relation"}`` from a shapes-world prompt: GenEval's grammar
+    (`flow_trl.rewards.geneval.parse_geneval_prompt`) over the shapes, the palette and the world's templates.
 
     Raises:
         ValueError: if the prompt is not in the shapes-world grammar.
     """
-    match = _PROMPT_RE.match(prompt.strip().lower())
-    body = match.group("body") if match else ""
-    try:
-        for rel in RELATIONS:
-            if f" {rel} " in body:
-                left, right = body.split(f" {rel} ", 1)
-                return {"tag": "position", "objects": [_parse_noun_phrase(left), _parse_noun_phrase(right)],
-                        "relation": rel}
-        parts = [_parse_noun_phrase(p) for p in body.split(" and ")]
-    except ValueError as err:
-        raise ValueError(f"{prompt!r} is not a shapes-world prompt ({err}). Pass its metadata columns.") from None
-    if len(parts) == 2:
-        tag = "color_attr" if all(p["color"] for p in parts) else "two_object"
-    elif len(parts) == 1:
-        tag = "counting" if parts[0]["count"] > 1 else ("colors" if parts[0]["color"] else "single_object")
-    else:
-        raise ValueError(f"{prompt!r} is not a shapes-world prompt (at most two clauses).")
-    return {"tag": tag, "objects": parts, "relation": None}
+    return parse_geneval_prompt(prompt, templates=TEMPLATES, colors=COLORS, nouns=SHAPES, require_template=False,
+                                grammar="shapes-world")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -234,10 +187,10 @@ def sample_layout(meta: Metadata, seed: int, size: int = IMAGE_SIZE) -> list[dic
     rng = np.random.default_rng(seed)
     scale = size / IMAGE_SIZE
     specs = []
-    for clause in meta["objects"]:
-        for _ in range(clause["count"]):
-            color = clause["color"] or COLORS[rng.integers(len(COLORS))]
-            specs.append({"shape": clause["shape"], "color": color})
+    for obj in meta["objects"]:
+        for _ in range(obj["count"]):
+            color = obj["color"] or COLORS[rng.integers(len(COLORS))]
+            specs.append({"shape": obj["shape"], "color": color})
     for _attempt in range(1000):
         placed = []
         for spec in specs:

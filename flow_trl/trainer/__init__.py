@@ -3,7 +3,7 @@
 from .awm_config import FlowAWMConfig
 from .awm_trainer import FlowAWMTrainer, awm_loss
 from .base_config import FlowRLConfig
-from .base_trainer import FlowRLTrainer, RepeatSampler
+from .base_trainer import FlowRLTrainer
 from .dpo_config import FlowDPOConfig
 from .dpo_trainer import FlowDPOTrainer, diffusion_dpo_loss
 from .drm_config import DRMConfig
@@ -15,6 +15,8 @@ from .nft_config import FlowNFTConfig
 from .nft_trainer import FlowNFTTrainer, nft_loss
 from .opd_config import FlowOPDConfig
 from .opd_trainer import FlowOPDTrainer
+from .policies import Policies
+from .rollout_buffer import RepeatSampler
 from .step_grpo_config import StepGRPOConfig
 from .step_grpo_trainer import StepGRPOTrainer
 
@@ -36,6 +38,7 @@ __all__ = [
     "FlowRLTrainer",
     "ManifoldAnchorMixin",
     "NormGuardMixin",
+    "Policies",
     "RepeatSampler",
     "StepGRPOConfig",
     "StepGRPOTrainer",

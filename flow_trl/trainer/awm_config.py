@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..timesteps import TIMESTEP_SAMPLERS
 from .base_config import FlowRLConfig
 from .utils import SOFT_UPDATE_SCHEDULES
+from .validation import check_choice, check_non_negative, check_positive
 
 
 AWM_WEIGHTINGS = ("ghuber", "uniform")
@@ -30,14 +31,15 @@ class FlowAWMConfig(FlowRLConfig):
         that follows a rollout the ratio is exactly 1 (its gradient is not); later optimizer steps on the same rollout
         (`steps_per_generation` or `num_iterations` above `gradient_accumulation_steps`) compare with the
         log-likelihood of the policy that sampled, and there the clip is a trust region.
-    advantage_max (`float`, defaults to `1.0`):
-        Advantages are clipped to `advantage_clip` (5) and rescaled to `[-advantage_max, advantage_max]`.
+    advantage_scale (`float`, defaults to `5.0`), advantage_max (`float`, defaults to `1.0`):
+        Advantages (clipped to `advantage_clip` beforehand) are multiplied by `advantage_max / advantage_scale`: with
+        the defaults, `[-5, 5]` becomes `[-1, 1]`, the reference's normalisation by its advantage clip.
     timestep_sampler (`str`, defaults to `"discrete_wo_init"`):
         Training sigmas per micro-batch (shared by its samples): `"discrete_wo_init"` (GenEval/OCR), `"discrete"`
         (PickScore), `"logit_normal"` or `"uniform"`; see `flow_trl.timesteps`.
     num_train_timesteps (`int`, defaults to `6`):
         Training sigmas per sample (one backward pass each).
-    ema_beta (`float`, defaults to `1.0`):
+    ema_kl_coef (`float`, defaults to `1.0`):
         Coefficient of the velocity KL to the EMA adapter, `mean (v_theta - v_ema)^2` (a trust region around a
         lagged copy of the policy). `0` drops the term and its forward.
     ema_decay_schedule (`str`, defaults to `"linear"`):
@@ -47,16 +49,15 @@ class FlowAWMConfig(FlowRLConfig):
         Cap of the `"linear"` schedule.
 
     > [!NOTE]
-    > Defaults that differ from [`FlowRLConfig`], following the reference's GenEval config: `guidance_scale=1.0`
-    > (CFG-free rollouts and training), `beta=1e-3` (velocity KL to the base model; 1e-4 for PickScore),
+    > Defaults that differ from [`FlowRLConfig`], following the reference's GenEval config: `beta=1e-3` (velocity KL
+    > to the base model; 1e-4 for PickScore),
     > `scale_rewards="batch"` (global std), `disable_dropout=True` (the likelihood ratio compares the training
     > forward with the sampling policy's). The reference samples with a stochastic SA-Solver (noise 0.4 for
     > GenEval); here any `sde_type` works and the default is the Euler ODE. The reference trains one optimizer
     > step per rollout (`steps_per_generation=1`), strictly on-policy. NormGuard's paper uses `norm_guard_coef=0.01`
-    > with AWM.
+    > with AWM. As in [`FlowRLConfig`], rollouts and training are CFG-free (`guidance_scale=1.0`).
     """
 
-    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale (1.0: AWM is CFG-free)."})
     beta: float = field(default=1e-3, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
     disable_dropout: bool = field(
         default=True, metadata={"help": "Zero every dropout of the policy so the likelihood ratio starts at 1."}
@@ -67,15 +68,20 @@ class FlowAWMConfig(FlowRLConfig):
     weighting: str = field(default="ghuber", metadata={"help": "Likelihood weighting: 'ghuber' or 'uniform'."})
     ghuber_power: float = field(default=0.25, metadata={"help": "Generalised-Huber exponent p in (0, 1]."})
     clip_range: float = field(default=1.0, metadata={"help": "PPO clip range of the ratio to the sampling policy."})
+    advantage_scale: float = field(
+        default=5.0, metadata={"help": "Advantages are multiplied by advantage_max / advantage_scale."}
+    )
     advantage_max: float = field(
-        default=1.0, metadata={"help": "Advantages are rescaled from [-advantage_clip, advantage_clip] to +-this."}
+        default=1.0, metadata={"help": "Advantages are rescaled from [-advantage_scale, advantage_scale] to +-this."}
     )
     timestep_sampler: str = field(
         default="discrete_wo_init",
         metadata={"help": "Training sigmas: 'discrete_wo_init', 'discrete', 'logit_normal' or 'uniform'."},
     )
     num_train_timesteps: int = field(default=6, metadata={"help": "Training sigmas per sample."})
-    ema_beta: float = field(default=1.0, metadata={"help": "Velocity KL coefficient to the EMA adapter (0: off)."})
+    ema_kl_coef: float = field(
+        default=1.0, metadata={"help": "Velocity KL coefficient to the EMA adapter (0: off)."}
+    )
     ema_decay_schedule: str = field(
         default="linear", metadata={"help": "EMA adapter soft-update schedule: 'linear', 'delayed' or 'none'."}
     )
@@ -83,22 +89,11 @@ class FlowAWMConfig(FlowRLConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.weighting not in AWM_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {AWM_WEIGHTINGS}; got {self.weighting!r}.")
+        check_choice("weighting", self.weighting, AWM_WEIGHTINGS)
         if not 0 < self.ghuber_power <= 1:
             raise ValueError(f"ghuber_power must be in (0, 1]; got {self.ghuber_power}.")
-        if self.timestep_sampler not in TIMESTEP_SAMPLERS or self.timestep_sampler == "grid_subset":
-            raise ValueError(
-                f"timestep_sampler must be one of {TIMESTEP_SAMPLERS[1:]}; got {self.timestep_sampler!r}."
-            )
-        if self.ema_decay_schedule not in SOFT_UPDATE_SCHEDULES:
-            raise ValueError(
-                f"ema_decay_schedule must be one of {SOFT_UPDATE_SCHEDULES}; got {self.ema_decay_schedule!r}."
-            )
-        for name in ("clip_range", "advantage_max", "num_train_timesteps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
-        if self.ema_beta < 0:
-            raise ValueError(f"ema_beta must be >= 0; got {self.ema_beta}.")
-        if self.advantage_clip is None:
-            raise ValueError("AWM rescales advantages by advantage_clip; set it (the reference uses 5.0).")
+        check_choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS[1:])  # all but "grid_subset"
+        check_choice("ema_decay_schedule", self.ema_decay_schedule, SOFT_UPDATE_SCHEDULES)
+        for name in ("clip_range", "advantage_scale", "advantage_max", "num_train_timesteps"):
+            check_positive(name, getattr(self, name))
+        check_non_negative("ema_kl_coef", self.ema_kl_coef)

@@ -125,14 +125,14 @@ class FlowAWMTrainer(NormGuardMixin, FlowRLTrainer):
         self._soft_update("ema", self.args.ema_decay_schedule, self.args.ema_max_decay, "awm/ema_decay")
 
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """Advantages rescaled to [-advantage_max, advantage_max]; training sigmas and their noise; the optimizer
+        """Advantages times `advantage_max / advantage_scale`; training sigmas and their noise; the optimizer
         step of the rollout and, when the rollout is trained over more than one optimizer step, the sampling
         policy's log-likelihood of every training input (`old_log_likelihood`, `[B, k]`)."""
         args = self.args
         latents = inputs["latents"]
         sigmas = sample_training_sigmas(args.timestep_sampler, len(latents), args.num_train_timesteps, self.sigmas,
                                         generator, shift=self.sigma_shift)
-        advantages = inputs["advantages"] / args.advantage_clip * args.advantage_max
+        advantages = inputs["advantages"] / args.advantage_scale * args.advantage_max
         inputs = {**inputs, "advantages": advantages, **self._forward_process_noise(latents, sigmas, generator),
                   "rollout_step": self.state.global_step}
         # a rollout's micro-batches share one optimizer step only if each step trains whole rollouts
@@ -172,10 +172,10 @@ class FlowAWMTrainer(NormGuardMixin, FlowRLTrainer):
         old = None if self.state.global_step == inputs["rollout_step"] else inputs["old_log_likelihood"][:, chunk]
         loss, metrics = awm_loss(v_theta, flow_target(x0, noise), sigma, inputs["advantages"], args.weighting,
                                  args.ghuber_power, args.clip_range, old)
-        if args.ema_beta > 0:
+        if args.ema_kl_coef > 0:
             with torch.no_grad(), self.policy("ema") as ema:
                 v_ema = self.velocity(ema, x_t, sigma, cond)
-            ema_loss, ema_metrics = velocity_kl(v_theta, v_ema, args.ema_beta)
+            ema_loss, ema_metrics = velocity_kl(v_theta, v_ema, args.ema_kl_coef)
             loss = loss + ema_loss
             metrics["awm/ema_kl"] = ema_metrics["kl"]
         loss = loss + self.reference_terms(x_t, sigma, cond, v_theta)

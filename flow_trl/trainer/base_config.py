@@ -13,6 +13,7 @@ from transformers.utils import logging
 from ..advantages import SHAPINGS, SLAS_ORDERS
 from ..rewards import check_reward_weights
 from ..sampling import STEP_TYPES, check_noise_level
+from .validation import check_choice, check_non_negative, check_positive
 
 
 logger = logging.get_logger(__name__)
@@ -74,10 +75,12 @@ class FlowRLConfig(TrainingArguments):
         Image height and width in pixels. Defaults to the pipeline's native resolution.
     num_inference_steps (`int`, defaults to `10`):
         Sampling steps of a rollout (and of evaluation).
-    guidance_scale (`float`, defaults to `4.5`):
-        Classifier-free guidance scale in rollouts, training forwards and evaluation (`1.0` = no CFG).
+    guidance_scale (`float`, defaults to `1.0`):
+        Classifier-free guidance scale in rollouts, training forwards and evaluation (`1.0` = no CFG, the default of
+        every flow_trl trainer; Flow-GRPO samples SD3.5 with 4.5).
     sde_type (`str`, defaults to `"ode"`):
-        Step function of rollouts: `"ode"` (Euler), `"flow_sde"`, `"dance_sde"` or `"cps"`.
+        Step function of rollouts, one of `flow_trl.sampling.STEP_TYPES`: `"ode"` (Euler), `"flow_sde"` (Flow-GRPO),
+        `"dance_sde"` (DanceGRPO) or `"cps"` (coefficients-preserving). The GRPO family needs a stochastic one.
     noise_level (`float`, defaults to `0.7`):
         Noise level (eta) of the stochastic step functions; ignored by `"ode"`. Valid: `0 < eta` for `"flow_sde"`
         and `"dance_sde"`, `0 < eta <= 1` for `"cps"` (`flow_trl.sampling.NOISE_LEVEL_RANGES`).
@@ -200,7 +203,9 @@ class FlowRLConfig(TrainingArguments):
     num_iterations: int = field(default=1, metadata={"help": "Passes over each rollout (PPO's mu)."})
     resolution: int | None = field(default=None, metadata={"help": "Image size in pixels; the pipeline's if unset."})
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of rollouts and evaluation."})
-    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale in rollouts, training and evaluation."})
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "CFG scale in rollouts, training and evaluation (1.0: no CFG)."}
+    )
     sde_type: str = field(
         default="ode", metadata={"help": "Rollout step function: 'ode', 'flow_sde', 'dance_sde' or 'cps'."}
     )
@@ -294,16 +299,11 @@ class FlowRLConfig(TrainingArguments):
         self._check_generation_groups()
         if self.reward_weights is not None:
             check_reward_weights(self.reward_weights)
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}; got {self.scale_rewards!r}.")
-        if self.advantage_shaping not in SHAPINGS:
-            raise ValueError(f"advantage_shaping must be one of {SHAPINGS}; got {self.advantage_shaping!r}.")
-        if self.slas_order not in SLAS_ORDERS:
-            raise ValueError(f"slas_order must be one of {SLAS_ORDERS}; got {self.slas_order!r}.")
-        if self.slas_gamma < 0:
-            raise ValueError(f"slas_gamma must be >= 0; got {self.slas_gamma}.")
-        if self.sde_type not in STEP_TYPES:
-            raise ValueError(f"sde_type must be one of {STEP_TYPES}; got {self.sde_type!r}.")
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_choice("advantage_shaping", self.advantage_shaping, SHAPINGS)
+        check_choice("slas_order", self.slas_order, SLAS_ORDERS)
+        check_non_negative("slas_gamma", self.slas_gamma)
+        check_choice("sde_type", self.sde_type, STEP_TYPES)
         check_noise_level(self.sde_type, self.noise_level)
         if self.num_inference_steps < 2:
             raise ValueError(f"num_inference_steps must be at least 2; got {self.num_inference_steps}.")
@@ -313,16 +313,12 @@ class FlowRLConfig(TrainingArguments):
                 f"{self.resolution}. Leave it unset for the pipeline's native resolution."
             )
         for name in ("noise_level", "beta", "norm_guard_coef", "mar_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
-        if self.advantage_clip is not None and self.advantage_clip <= 0:
-            raise ValueError(f"advantage_clip must be positive or None; got {self.advantage_clip}.")
+            check_non_negative(name, getattr(self, name))
+        check_positive("guidance_scale", self.guidance_scale)
+        check_positive("advantage_clip", self.advantage_clip, optional=True)
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}.")
-        if self.full_finetune_params not in FULL_FINETUNE_PARAMS:
-            raise ValueError(
-                f"full_finetune_params must be one of {FULL_FINETUNE_PARAMS}; got {self.full_finetune_params!r}."
-            )
+        check_choice("full_finetune_params", self.full_finetune_params, FULL_FINETUNE_PARAMS)
         if self.lora_export_rank is not None:
             if self.lora_export_rank < 1:
                 raise ValueError(f"lora_export_rank must be at least 1 (or None); got {self.lora_export_rank}.")

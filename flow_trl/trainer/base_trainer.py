@@ -6,19 +6,15 @@ each trained by the algorithm's loss over its timesteps (+ regularizers) -> opti
 
 An algorithm subclass sets a few class attributes (`config_class`, `_name`, `_policy_adapters`, `_sampling_policy`)
 and implements `_compute_loss` (and `_num_loss_chunks` unless it trains on forward-process `train_sigmas`).
-Everything else (rollouts, rewards, advantages, buffering, LoRA and policy copies, saving in diffusers format,
-resume, evaluation, metrics) lives here.
+Everything else (rollouts, rewards, advantages, buffering, evaluation, metrics) lives here; the policies (LoRA
+adapters or frozen copies) are a `Policies` object, saving and resuming come from `CheckpointMixin`, and the rollout
+sampler and splitting from `rollout_buffer`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import shutil
-import warnings
 from collections import defaultdict
-from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,70 +24,25 @@ from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
+from transformers.trainer_utils import set_seed
+from trl.trainer.utils import disable_dropout_in_model
 
 from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats, slas_advantages
-from ..lora import lora_adapter_metadata, lora_from_weight_difference, with_default_targets
 from ..models import get_adapter, index_conditioning, load_pipeline
 from ..regularizers import velocity_kl, velocity_norm_ratio
 from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_names, weighted_reward
 from ..sampling import rollout
 from .base_config import FlowRLConfig
 from .callbacks import use_diffusers_callbacks
+from .checkpointing import CheckpointMixin
 from .ema import ParameterEMA
 from .health import RewardHealth, ZeroGradientCallback
+from .mixins import check_regularizers
 from .model_card import ModelCardMixin
-from .outputs import prepare_output_dir, remove_stale_weights
-from .utils import disable_dropout, eval_mode, soft_update_decay
-
-
-POLICY_STATE_FILE = "flow_trl_policies.safetensors"
-ALGORITHM_STATE_FILE = "flow_trl_state.json"  # what an algorithm adapts during training (e.g. SLAS gamma)
-WEIGHT_EMA_FILE = "flow_trl_weight_ema.safetensors"
-TRAINER_RECORD_FILE = "flow_trl_trainer.json"  # which trainer wrote a checkpoint, and its rollout count
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-_TRAINER_MARK = "_flow_trl_trainer"  # set on a pipeline's transformer by the trainer that prepared it for training
-
-
-class RepeatSampler(Sampler[int]):
-    """Yield dataset indices so that each prompt's `num_generations` copies stay together, for all processes.
-
-    Unique prompts are drawn ``prompts_per_generation`` at a time from a permutation seeded by ``seed + epoch``;
-    each chunk is emitted ``repeat_count`` times (once per micro-batch served from the rollout), each index
-    ``num_generations`` times in a row::
-
-        chunk [a, b], G = 2, repeat 2  ->  a a b b | a a b b      (one rollout of 4 images, served twice)
-
-    The process-split dataloader gives each process a contiguous slice, so a gather restores whole groups.
-    """
-
-    def __init__(self, num_rows: int, num_generations: int, prompts_per_generation: int, repeat_count: int,
-                 seed: int = 0):
-        if num_rows < prompts_per_generation:
-            raise ValueError(
-                f"The training dataset has {num_rows} prompts but one rollout needs {prompts_per_generation} distinct "
-                "prompts (generation_batch_size / num_generations). Add prompts or lower generation_batch_size."
-            )
-        self.num_rows, self.num_generations = num_rows, num_generations
-        self.prompts_per_generation, self.repeat_count = prompts_per_generation, repeat_count
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        n = self.prompts_per_generation
-        for start in range(0, self.num_rows - n + 1, n):
-            chunk = order[start : start + n].tolist()
-            for _ in range(self.repeat_count):
-                for index in chunk:
-                    yield from [index] * self.num_generations
-
-    def __len__(self) -> int:
-        return (self.num_rows // self.prompts_per_generation) * self.prompts_per_generation * (
-            self.num_generations * self.repeat_count
-        )
+from .outputs import prepare_output_dir
+from .policies import Policies
+from .rollout_buffer import RepeatSampler, RolloutCounter, split_rollout
+from .utils import eval_mode, soft_update_decay
 
 
 class _WeightEMAUpdate(TrainerCallback):
@@ -105,11 +56,7 @@ class _WeightEMAUpdate(TrainerCallback):
         self.ema.update(state.global_step)
 
 
-def _identity(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return batch
-
-
-class FlowRLTrainer(ModelCardMixin, Trainer):
+class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
     """Base trainer of flow_trl; use one of its algorithm subclasses (e.g. [`FlowNFTTrainer`]).
 
     Args:
@@ -159,10 +106,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             )
         if eval_dataset is not None and "prompt" not in eval_dataset.column_names:
             raise ValueError(f"The eval dataset needs a 'prompt' column; its columns are {eval_dataset.column_names}.")
-        if args.norm_guard_coef > 0 and not any(c.__name__ == "NormGuardMixin" for c in type(self).__mro__):
-            raise ValueError(f"{type(self).__name__} does not include NormGuardMixin; set norm_guard_coef=0.")
-        if args.mar_coef > 0 and not any(c.__name__ == "ManifoldAnchorMixin" for c in type(self).__mro__):
-            raise ValueError(f"{type(self).__name__} does not include ManifoldAnchorMixin; set mar_coef=0.")
+        check_regularizers(type(self), args)
         set_seed(args.seed)
 
         self.pipe = load_pipeline(model, args.model_init_kwargs)
@@ -182,44 +126,13 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             raise ValueError(f"resolution {self.resolution} does not fit this pipeline. {error}") from error
 
         transformer = self.adapter.transformer
-        owner = getattr(transformer, _TRAINER_MARK, None)
-        if owner is not None:
-            raise ValueError(
-                f"This pipeline is already used by a {owner}, which set up its transformer for training (LoRA "
-                "adapters or policy copies, frozen parameters); a second trainer would train on top of that. Give "
-                "each trainer its own pipeline: load it again, pass the model path, or pass a `copy.deepcopy(pipe)` "
-                "made before the first trainer."
-            )
+        self.policies = Policies(self.adapter, self._policy_adapters, peft_config, args.full_finetune_params,
+                                 args.lora_export_rank, owner=type(self).__name__)
         for module in self.adapter.frozen_modules():
             module.requires_grad_(False).eval()
-        self.is_lora = peft_config is not None
-        self._policy_models: dict[str, nn.Module] = {}
-        if self.is_lora:
-            if args.full_finetune_params != "all" or args.lora_export_rank is not None:
-                raise ValueError(
-                    "full_finetune_params and lora_export_rank apply to full fine-tuning; with a peft_config the "
-                    "LoRA itself is trained and saved. Drop peft_config, or leave both at their defaults."
-                )
-            peft_config = with_default_targets(  # e.g. SD3's attention projections
-                peft_config, self.adapter.default_lora_target_modules, self.adapter.unused_lora_modules()
-            )
-            transformer.requires_grad_(False)
-            transformer.add_adapter(peft_config, adapter_name="default")
-            for name in self._policy_adapters:
-                with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    transformer.add_adapter(copy.deepcopy(peft_config), adapter_name=name)
-            self._activate("default")
-            for name in self._policy_adapters:
-                self._copy_adapter("default", name)
-        else:
-            _set_full_finetune_params(transformer, args.full_finetune_params)
-            for name in (*self._policy_adapters, "ref"):
-                self._policy_models[name] = copy.deepcopy(transformer).requires_grad_(False).eval()
-        setattr(transformer, _TRAINER_MARK, type(self).__name__)
         self._prepared_output_dir: str | None = None  # the output_dir `train` has checked (see `prepare_output_dir`)
         if args.disable_dropout:
-            disable_dropout(transformer)
+            disable_dropout_in_model(transformer)
         # diffusers' API, not transformers' activation_checkpointing_enable (`gradient_checkpointing` is the alias
         # transformers < 5.23 knows, `activation_checkpointing` the newer name; both are turned off for `Trainer`)
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
@@ -231,7 +144,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         super().__init__(
             model=transformer,
             args=args,
-            data_collator=_identity,
+            data_collator=list,  # the rows as they are: prompts and reward columns
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             callbacks=callbacks,
@@ -247,8 +160,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         self.compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         for module in self.adapter.frozen_modules():
             module.to(self.accelerator.device)
-        for module in self._policy_models.values():
-            module.to(self.accelerator.device)
+        self.policies.to(self.accelerator.device)
         self.sigmas = self.adapter.sigma_grid(args.num_inference_steps, self.resolution, self.resolution)
         # the static shift the pipeline applies at this resolution, for the trainers' training-timestep draws
         self.sigma_shift = self.adapter.sigma_shift(self.resolution, self.resolution, args.num_inference_steps)
@@ -257,9 +169,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
             self._negative_cond = self.adapter.encode_prompts([""])
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffered_inputs: list[dict[str, Any]] | None = None
-        self._num_rollouts = 0
-        # (optimizer step, index among that step's rollouts) of the latest rollout: what its randomness is keyed on
-        self._rollout_key: tuple[int, int] | None = None
+        self._rollouts = RolloutCounter(args.seed)
         self._step = 0
 
     @classmethod
@@ -279,25 +189,10 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         """The unwrapped trained module (the pipeline's own transformer; `self.model` may be a DDP wrapper)."""
         return self.adapter.transformer
 
-    def _activate(self, name: str) -> None:
-        """Make adapter `name` the active one; only "default" is ever trainable."""
-        self.transformer.set_adapter(name)
-        for param_name, param in self.transformer.named_parameters():
-            if "lora_" in param_name:
-                param.requires_grad_(".default." in param_name)
-
-    def _copy_adapter(self, source: str, target: str, decay: float = 0.0) -> None:
-        """``target <- decay * target + (1 - decay) * source`` for every LoRA (or full-copy) weight."""
-        with torch.no_grad():
-            if self.is_lora:
-                params = dict(self.transformer.named_parameters())
-                for name, param in params.items():
-                    if f".{target}." in name:
-                        param.lerp_(params[name.replace(f".{target}.", f".{source}.")], 1.0 - decay)
-            else:
-                src = self.transformer if source == "default" else self._policy_models[source]
-                for p_t, p_s in zip(self._policy_models[target].parameters(), src.parameters()):
-                    p_t.lerp_(p_s, 1.0 - decay)
+    @property
+    def is_lora(self) -> bool:
+        """Whether a LoRA adapter is trained (else the whole transformer, or its linear weights)."""
+        return self.policies.is_lora
 
     def _soft_update(self, target: str, schedule: str, max_decay: float, metric: str) -> None:
         """Soft-update the lagged policy `target` toward the trained one, with the decay of the current optimizer step.
@@ -306,37 +201,18 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         rollout of the same optimizer step (the trained policy has not moved since, so every rollout of one
         optimizer step samples the same lagged policy, like one epoch of the reference implementations).
         """
-        if self.state.global_step == 0 or self._rollout_key is not None and self._rollout_key[1] > 0:
+        if self.state.global_step == 0 or not self._rollouts.is_first_of_step:
             return
         decay = soft_update_decay(self.state.global_step, schedule, max_decay)
-        self._copy_adapter("default", target, decay=decay)
+        self.policies.soft_update(target, decay)
         self._metrics["train"][metric].append(decay)
 
     @contextmanager
     def policy(self, name: str, model: nn.Module | None = None):
-        """Yield the module that computes policy `name`: "default" (trained), "ref" (base), or a named policy.
-
-        `model` is the (possibly DDP-wrapped) module to use for "default"; with LoRA every policy is the same
-        module with another adapter active (or adapters disabled for "ref").
-        """
-        if name == "default":
-            yield model if model is not None else self.model
-        elif not self.is_lora:
-            yield self._policy_models[name]
-        elif name == "ref":
-            self.transformer.disable_adapters()
-            try:
-                with eval_mode(self.transformer):  # a frozen policy: no dropout
-                    yield self.transformer
-            finally:
-                self.transformer.enable_adapters()
-        else:
-            self._activate(name)
-            try:
-                with eval_mode(self.transformer):
-                    yield self.transformer
-            finally:
-                self._activate("default")
+        """Yield the module that computes policy `name` (see `Policies.policy`); "default" is `model` if given (e.g.
+        a DDP wrapper), else `self.model`."""
+        with self.policies.policy(name, model if model is not None else self.model) as module:
+            yield module
 
     @property
     def rollout_guidance_scale(self) -> float:
@@ -382,13 +258,8 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
     # ---- rollouts ----------------------------------------------------------------------------------------------
 
     def _rollout_generator(self, salt: int = 0) -> torch.Generator:
-        """A CPU generator that depends only on (seed, optimizer step, rollout index within that step, process, salt),
-        so rollouts are resumable and the rollouts of one optimizer step draw different noise. The first rollout of
-        a step is keyed on (seed, step, process, salt) alone: runs with at most one rollout per optimizer step draw
-        what they always drew."""
-        step, index = self._rollout_key or (self.state.global_step, 0)
-        key = (self.args.seed, step, self.accelerator.process_index, salt) + ((index,) if index else ())
-        return torch.Generator().manual_seed(hash(key) % (2**63))
+        """This process's generator for the latest rollout (see `RolloutCounter.generator`)."""
+        return self._rollouts.generator(self.state.global_step, self.accelerator.process_index, salt)
 
     def encode_prompts(self, prompts: list[str]):
         """Encode each distinct prompt once and index the result back to the batch."""
@@ -499,14 +370,11 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         """Serve one micro-batch; generate a new rollout every `steps_per_generation * num_iterations` calls."""
         args = self.args
         if self._step % (args.steps_per_generation * args.num_iterations) == 0 or self._buffered_inputs is None:
-            step = self.state.global_step
-            same_step = self._rollout_key is not None and self._rollout_key[0] == step
-            self._rollout_key = (step, self._rollout_key[1] + 1 if same_step else 0)
+            self._rollouts.start(self.state.global_step)
             self._before_generation()
             inputs = self._generate_and_score(generation_batch)
-            self._num_rollouts += 1
             order = torch.randperm(len(inputs["latents"]), generator=self._rollout_generator(salt=1))
-            self._buffered_inputs = _split(inputs, order, args.steps_per_generation)
+            self._buffered_inputs = split_rollout(inputs, order, args.steps_per_generation)
         return self._buffered_inputs[self._step % args.steps_per_generation]
 
     # ---- training ----------------------------------------------------------------------------------------------
@@ -561,7 +429,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         """Regularization of velocity `v` against the reference at the same inputs (0 when none is needed).
 
         Pass `v_ref` when the algorithm already computed the reference velocity there, to save the forward. SDE
-        trainers also pass their replayed `transition` (a `grpo_trainer.Transition`), which regularizers with an
+        trainers also pass their replayed `transition` (a `transitions.Transition`), which regularizers with an
         SDE-mean form (MAR) use.
         """
         if not self._needs_reference():
@@ -647,7 +515,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         return metrics
 
     def _save_samples(self, images: torch.Tensor) -> None:
-        from ..toy.evaluation import save_image_grid
+        from ..images import save_image_grid
 
         path = Path(self.args.output_dir) / "samples" / f"eval_step_{self.state.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -701,7 +569,7 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         summary: dict[str, Any] = {
             "algorithm": self._name,
             "steps": self.state.global_step,
-            "images_generated": self._num_rollouts * self.args.generation_batch_size,
+            "images_generated": self._rollouts.count * self.args.generation_batch_size,
             "output_dir": self.args.output_dir,
         }
         keys = ["reward", *(f"rewards/{n}/mean" for n in self.reward_func_names), "eval_reward", "velocity_norm_ratio"]
@@ -713,192 +581,6 @@ class FlowRLTrainer(ModelCardMixin, Trainer):
         if runtime:
             summary["train_runtime_s"] = runtime[-1]
         return summary
-
-    # ---- saving and resuming -----------------------------------------------------------------------------------
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Save the trained weights in diffusers format: a LoRA `load_lora_weights` accepts, or the transformer.
-
-        Weights of the other kind that an earlier save left in `output_dir` are removed (`remove_stale_weights`).
-        """
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        remove_stale_weights(output_dir, writes_lora=self.is_lora or self.args.lora_export_rank is not None,
-                             writes_transformer=not self.is_lora)
-        if self.is_lora:
-            from peft.utils import get_peft_model_state_dict
-
-            lora = get_peft_model_state_dict(self.transformer, adapter_name="default")
-            metadata = lora_adapter_metadata(self.transformer.peft_config["default"], lora)
-            type(self.pipe).save_lora_weights(
-                output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
-            )
-        else:
-            self.transformer.save_pretrained(os.path.join(output_dir, "transformer"))
-            if self.args.lora_export_rank is not None:
-                lora, metadata = lora_from_weight_difference(
-                    self.transformer, self._policy_models["ref"], self.args.lora_export_rank
-                )
-                type(self.pipe).save_lora_weights(
-                    output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
-                )
-        torch.save(_without_tokens(self.args), os.path.join(output_dir, "training_args.bin"))
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """`Trainer._save_checkpoint`, with flow_trl's training state (`_save_training_state`) written first.
-
-        `Trainer` then adds the weights, optimizer and trainer state, pushes the folder (`hub_strategy="checkpoint"`)
-        and only then rotates older checkpoints away (`save_total_limit`): every pushed checkpoint is complete, and a
-        save that fails leaves the previous checkpoints in place. Its own partial folder is removed, so that
-        `resume_from_checkpoint=True` finds the last complete checkpoint.
-        """
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        is_new = not os.path.exists(folder)
-        try:
-            if self.args.should_save:
-                self._save_training_state(folder)
-            super()._save_checkpoint(model, trial)
-        except BaseException:
-            if is_new and self.args.should_save:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise
-
-    def _save_training_state(self, folder: str) -> None:
-        """Write what resuming needs beyond `Trainer`'s files into checkpoint `folder`: the trainer record, the extra
-        policies, the weight EMA and the algorithm state."""
-        from safetensors.torch import save_file
-
-        os.makedirs(folder, exist_ok=True)
-        if self._policy_adapters:
-            save_file(self._policy_state(), os.path.join(folder, POLICY_STATE_FILE))
-        if self.weight_ema is not None:
-            save_file(self.weight_ema.state_dict(), os.path.join(folder, WEIGHT_EMA_FILE))
-        algorithm_state = self._algorithm_state()
-        if algorithm_state:
-            with open(os.path.join(folder, ALGORITHM_STATE_FILE), "w") as f:
-                json.dump(algorithm_state, f, indent=1)
-        with open(os.path.join(folder, TRAINER_RECORD_FILE), "w") as f:
-            json.dump(self._trainer_record(), f, indent=1)
-
-    def _trainer_record(self) -> dict[str, Any]:
-        """What a checkpoint must match to resume this trainer (algorithm, LoRA or full fine-tuning, policies), and
-        the rollouts generated so far."""
-        return {
-            "algorithm": self._name,
-            "trainer_class": type(self).__name__,
-            "lora": self.is_lora,
-            "policies": list(self._policy_adapters),
-            "num_rollouts": self._num_rollouts,
-        }
-
-    def _check_trainer_record(self, checkpoint: str) -> None:
-        """Refuse a checkpoint another algorithm, or the other of LoRA and full fine-tuning, wrote; restore the
-        rollout count. A checkpoint without a record (older flow_trl) is accepted with a warning."""
-        path = os.path.join(checkpoint, TRAINER_RECORD_FILE)
-        if not os.path.isfile(path):
-            warnings.warn(
-                f"{checkpoint} has no {TRAINER_RECORD_FILE} (saved by an older flow_trl), so it cannot be checked to "
-                f"come from a {self._name} run; resuming anyway.",
-                stacklevel=2,
-            )
-            return
-        with open(path) as f:
-            record = json.load(f)
-        this = f"{type(self).__name__} ({self._name})"
-        if record["algorithm"] != self._name:
-            raise ValueError(
-                f"{checkpoint} was saved by {record['trainer_class']} ({record['algorithm']}); {this} cannot resume "
-                f"it. Resume it with {record['trainer_class']}, or start a new {self._name} run without "
-                "resume_from_checkpoint (e.g. from the checkpoint's weights loaded into the pipeline)."
-            )
-        if record["lora"] != self.is_lora:
-            saved, wanted = ("LoRA", "pass the run's peft_config") if record["lora"] else (
-                "full fine-tuning", "drop peft_config")
-            raise ValueError(f"{checkpoint} was saved by a {saved} run; {this} cannot resume it as it is: {wanted}.")
-        self._num_rollouts = record["num_rollouts"]
-
-    def _algorithm_state(self) -> dict[str, Any]:
-        """JSON-serialisable values the algorithm adapts while training, saved with each checkpoint (none here)."""
-        return {}
-
-    def _restore_algorithm_state(self, state: dict[str, Any]) -> None:
-        """Inverse of `_algorithm_state`, called when resuming from a checkpoint that has one."""
-
-    def _policy_parameters(self) -> dict[str, nn.Parameter]:
-        """The parameters of the extra policies (`_policy_adapters`), by their name in the checkpoint."""
-        if self.is_lora:
-            return {n: p for n, p in self.transformer.named_parameters()
-                    if any(f".{a}." in n for a in self._policy_adapters)}
-        return {f"{a}.{n}": p for a in self._policy_adapters for n, p in self._policy_models[a].named_parameters()}
-
-    def _policy_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone().contiguous() for n, p in self._policy_parameters().items()}
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Load what `_save`/`_save_checkpoint` wrote (diffusers-format weights and the extra policies)."""
-        from safetensors.torch import load_file
-
-        self._check_trainer_record(resume_from_checkpoint)
-        if self.is_lora:
-            from peft.utils import set_peft_model_state_dict
-
-            state = load_file(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME))
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            result = set_peft_model_state_dict(self.transformer, state, adapter_name="default")
-            if result.unexpected_keys:
-                raise ValueError(f"Checkpoint LoRA has unexpected keys: {result.unexpected_keys[:5]}")
-        else:
-            from diffusers.models.modeling_utils import load_state_dict
-
-            folder = os.path.join(resume_from_checkpoint, "transformer")
-            files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
-            state = {}
-            for f in files:
-                state.update(load_state_dict(os.path.join(folder, f)))
-            self.transformer.load_state_dict(state)
-        state_file = os.path.join(resume_from_checkpoint, ALGORITHM_STATE_FILE)
-        if os.path.isfile(state_file):
-            with open(state_file) as f:
-                self._restore_algorithm_state(json.load(f))
-        if self.weight_ema is not None:
-            ema_file = os.path.join(resume_from_checkpoint, WEIGHT_EMA_FILE)
-            if not os.path.isfile(ema_file):
-                raise FileNotFoundError(
-                    f"{ema_file} is missing: the checkpoint was saved without a weight EMA. Resume with "
-                    "weight_ema_decay=0, or start a new run to average the weights."
-                )
-            self.weight_ema.load_state_dict(load_file(ema_file))
-        policy_file = os.path.join(resume_from_checkpoint, POLICY_STATE_FILE)
-        if self._policy_adapters:
-            if not os.path.isfile(policy_file):
-                raise FileNotFoundError(f"{policy_file} is missing: this checkpoint cannot resume {self._name}.")
-            saved = load_file(policy_file)
-            params = self._policy_parameters()
-            if saved.keys() != params.keys():
-                differing = sorted(saved.keys() ^ params.keys())[:3]
-                raise ValueError(
-                    f"{policy_file} does not hold the policies {type(self).__name__} keeps ({self._policy_adapters}; "
-                    f"e.g. {differing} differ): it was saved by another trainer or LoRA configuration. Resume it with "
-                    "the trainer and peft_config that wrote it."
-                )
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(saved[name])
-
-
-def _set_full_finetune_params(transformer: nn.Module, which: str) -> None:
-    """Make the parameters `full_finetune_params` names trainable: every one (`"all"`) or the weights of the linear
-    layers only (`"linear"`, what `lora_from_weight_difference` can export)."""
-    if which == "all":
-        transformer.requires_grad_(True)
-        return
-    transformer.requires_grad_(False)
-    for module in transformer.modules():
-        if isinstance(module, nn.Linear):
-            module.weight.requires_grad_(True)
-
 
 def format_training_summary(summary: dict[str, Any]) -> str:
     """A few readable lines of `FlowRLTrainer.training_summary`."""
@@ -912,32 +594,4 @@ def format_training_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _without_tokens(args: FlowRLConfig) -> FlowRLConfig:
-    """A shallow copy of `args` with every `*_token` field cleared, safe to write next to published weights."""
-    clean = copy.copy(args)
-    for name in vars(args):
-        if name.endswith("_token"):
-            setattr(clean, name, None)
-    return clean
-
-
-def _split(inputs: dict[str, Any], order: torch.Tensor, num_slices: int) -> list[dict[str, Any]]:
-    """Shuffle the batch dimension of every tensor (and conditioning) by `order`, then cut into `num_slices`."""
-    n = len(order)
-    size = n // num_slices
-    slices = []
-    for s in range(num_slices):
-        idx = order[s * size : (s + 1) * size]
-        piece = {}
-        for key, value in inputs.items():
-            if isinstance(value, dict):
-                piece[key] = index_conditioning(value, idx.to(next(iter(value.values())).device))
-            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-                piece[key] = value[idx.to(value.device)]
-            else:
-                piece[key] = value
-        slices.append(piece)
-    return slices
-
-
-__all__ = ["FlowRLTrainer", "RepeatSampler"]
+__all__ = ["FlowRLTrainer", "format_training_summary"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..timesteps import TIMESTEP_SAMPLERS
 from .base_config import FlowRLConfig
+from .validation import check_choice, check_positive
 
 
 ROLLOUT_POLICIES = ("policy", "reference")
@@ -24,7 +25,8 @@ class FlowDPOConfig(FlowRLConfig):
     dpo_beta (`float`, defaults to `100.0`):
         Temperature of the DPO loss `-log sigmoid(-0.5 dpo_beta [(mse_w - mse_ref_w) - (mse_l - mse_ref_l)])` on
         velocity MSEs (the reference's value for LoRA on velocity; the original epsilon-space Diffusion-DPO used
-        5000). Distinct from `beta`, the coefficient of the velocity KL to the base model.
+        5000). TRL's `DPOConfig` calls it `beta`; here `beta` is, as in every flow_trl config (and TRL's
+        `GRPOConfig`), the coefficient of the velocity KL to the base model.
     num_train_timesteps (`int`, defaults to `4`):
         Sigmas per pair per micro-batch, one backward pass each; winner and loser share each sigma and its noise.
     timestep_sampler (`str`, defaults to `"logit_normal"`):
@@ -40,13 +42,12 @@ class FlowDPOConfig(FlowRLConfig):
         `ref_update_step`; about 40 for online DPO). Unset: the reference is the base model throughout.
 
     > [!NOTE]
-    > Defaults that differ from [`FlowRLConfig`]: `guidance_scale=1.0` (training without CFG, as the reference),
-    > `learning_rate=1e-4`. Each micro-batch of `per_device_train_batch_size` images holds
+    > Defaults that differ from [`FlowRLConfig`]: `learning_rate=1e-4`. As in [`FlowRLConfig`], training is
+    > CFG-free (`guidance_scale=1.0`, as the reference). Each micro-batch of `per_device_train_batch_size` images holds
     > `per_device_train_batch_size / num_generations` online pairs (`per_device_train_batch_size` pairs offline).
     > NormGuard's paper uses `norm_guard_coef=1.0` with DPO.
     """
 
-    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of rollouts and training (1.0: none)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     num_generations: int | None = field(
         default=None, metadata={"help": "Online: images per prompt, one best-vs-worst pair per group (8 if unset)."}
@@ -66,18 +67,12 @@ class FlowDPOConfig(FlowRLConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.dpo_beta <= 0:
-            raise ValueError(f"dpo_beta must be positive; got {self.dpo_beta}.")
+        check_positive("dpo_beta", self.dpo_beta)
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be at least 1; got {self.num_train_timesteps}.")
-        if self.timestep_sampler not in TIMESTEP_SAMPLERS or self.timestep_sampler == "grid_subset":
-            raise ValueError(
-                f"timestep_sampler must be one of {TIMESTEP_SAMPLERS[1:]}; got {self.timestep_sampler!r}."
-            )
-        if self.rollout_policy not in ROLLOUT_POLICIES:
-            raise ValueError(f"rollout_policy must be one of {ROLLOUT_POLICIES}; got {self.rollout_policy!r}.")
-        if self.ref_update_steps is not None and self.ref_update_steps < 1:
-            raise ValueError(f"ref_update_steps must be positive or None; got {self.ref_update_steps}.")
+        check_choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS[1:])  # all but "grid_subset"
+        check_choice("rollout_policy", self.rollout_policy, ROLLOUT_POLICIES)
+        check_positive("ref_update_steps", self.ref_update_steps, optional=True)
 
     def _check_generation_groups(self) -> None:
         if self.num_generations is not None:  # online; offline runs leave it unset

@@ -14,9 +14,10 @@ from ..advantages import best_worst_pairs
 from ..models import cat_conditioning, index_conditioning
 from ..preference import LATENT_COLUMNS, check_preference_dataset, encode_preference_dataset, is_preference_dataset
 from ..timesteps import flow_matching_mse, flow_target, noise_latents, sample_training_sigmas
-from .base_trainer import FlowRLTrainer, RepeatSampler
+from .base_trainer import FlowRLTrainer
 from .dpo_config import FlowDPOConfig
 from .mixins import NormGuardMixin
+from .rollout_buffer import RepeatSampler
 
 
 def diffusion_dpo_loss(
@@ -67,7 +68,7 @@ class _ReferenceRefresh(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.ref_update_steps == 0:
-            self.trainer._copy_adapter("default", "dpo_ref")
+            self.trainer.policies.copy("default", "dpo_ref")
 
 
 class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .base_config import accelerator_available
+from .validation import check_choice, check_positive
 
 
 DRM_LOSS_TYPES = ("bradley_terry", "thurstone")
@@ -84,14 +85,12 @@ class DRMConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss_type not in DRM_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {DRM_LOSS_TYPES}; got {self.loss_type!r}.")
+        check_choice("loss_type", self.loss_type, DRM_LOSS_TYPES)
         if not 0 <= self.sigma_min <= self.sigma_max <= 1:
             raise ValueError(f"Need 0 <= sigma_min <= sigma_max <= 1; got {self.sigma_min} and {self.sigma_max}.")
         if any(not 0 <= s <= 1 for s in self.eval_sigmas):
             raise ValueError(f"eval_sigmas must lie in [0, 1]; got {self.eval_sigmas}.")
-        if self.thurstone_base_var <= 0:
-            raise ValueError(f"thurstone_base_var must be positive; got {self.thurstone_base_var}.")
+        check_positive("thurstone_base_var", self.thurstone_base_var)
         if self.num_blocks < 1 or self.num_sigma_buckets < 1:
             raise ValueError("num_blocks and num_sigma_buckets must be at least 1.")
         if self.gradient_checkpointing:

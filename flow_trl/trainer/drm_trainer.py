@@ -110,10 +110,13 @@ class DRMTrainer(Trainer):
         args ([`DRMConfig`], *optional*): the configuration.
         train_dataset, eval_dataset (`datasets.Dataset`): preference pairs: `prompt` and either `chosen`/`rejected`
             images (PIL, paths or arrays; encoded once through the VAE) or `chosen_latents`/`rejected_latents`.
-        reward_model ([`DiffusionRewardModel`] or `str`, *optional*): a DRM (or its path) to train instead.
+        callbacks, optimizers: as in `Trainer`.
         peft_config (`peft.LoraConfig`, *optional*): train a LoRA on the backbone (the head is always fully trained;
             default targets: the attention projections). Without it, the whole DRM is trained.
-        callbacks, optimizers: as in `Trainer`.
+        reward_model ([`DiffusionRewardModel`] or `str`, *optional*): a DRM (or its path) to train instead.
+
+    The arguments they share come in the order of [`FlowRLTrainer`]'s (`model, args, ..., train_dataset,
+    eval_dataset, callbacks, optimizers, peft_config`).
     """
 
     _tag_names = ["flow-trl", "diffusers", "reward-model", "drm"]
@@ -125,10 +128,10 @@ class DRMTrainer(Trainer):
         args: DRMConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
-        reward_model: DiffusionRewardModel | str | None = None,
-        peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
+        peft_config=None,
+        reward_model: DiffusionRewardModel | str | None = None,
     ):
         if args is None:
             args = DRMConfig(output_dir="drm")

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from ..advantages import ADVANTAGE_STDS
 from .base_config import FlowRLConfig
+from .validation import check_choice, check_positive
 
 
-SDE_ALIASES = {"dance": "dance_sde", "flow": "flow_sde", "cps": "cps"}
 KL_TYPES = ("velocity", "sde_mean")
 
 
@@ -16,14 +16,14 @@ KL_TYPES = ("velocity", "sde_mean")
 class DanceGRPOConfig(FlowRLConfig):
     r"""
     Configuration of [`DanceGRPOTrainer`] (DanceGRPO, https://huggingface.co/papers/2505.07818; Flow-GRPO,
-    https://huggingface.co/papers/2505.05470, with `sde_type="flow"`).
+    https://huggingface.co/papers/2505.05470, with `sde_type="flow_sde"`).
 
     Inherits every field of [`FlowRLConfig`] (among them the advantage settings: `scale_rewards`, and SLAS through
     `advantage_shaping="slas"`, `slas_gamma`, `slas_order`). GRPO-specific fields:
 
-    sde_type (`str`, defaults to `"dance"`):
-        The stochastic step of rollouts and of the policy's log-prob: `"dance"` (DanceGRPO), `"flow"` (Flow-GRPO) or
-        `"cps"` (coefficients-preserving); the long names `"dance_sde"`/`"flow_sde"` are accepted.
+    sde_type (`str`, defaults to `"dance_sde"`):
+        The stochastic step of rollouts and of the policy's log-prob: `"dance_sde"` (DanceGRPO), `"flow_sde"`
+        (Flow-GRPO) or `"cps"` (coefficients-preserving); the names of [`FlowRLConfig`]'s `sde_type`, without `"ode"`.
     noise_level (`float`, defaults to `0.3`):
         eta of the SDE (DanceGRPO 0.3 for FLUX, Flow-GRPO 0.7): positive, and at most 1 for `"cps"` (whose std
         `sigma_next sin(eta pi / 2)` is largest at 1 and repeats smaller values above it).
@@ -55,16 +55,16 @@ class DanceGRPOConfig(FlowRLConfig):
         policies' step means, or `"velocity"`, `mean_dims (v - v_ref)^2`.
 
     > [!NOTE]
-    > Defaults that differ from [`FlowRLConfig`], following DanceGRPO: `guidance_scale=1.0` (no CFG), `beta=0.0`
-    > (no KL), `scale_rewards="group"` (per-group std, as DanceGRPO; SLAS uses the batch std); and
+    > Defaults that differ from [`FlowRLConfig`], following DanceGRPO: `sde_type="dance_sde"`, `noise_level=0.3`;
+    > as [`FlowRLConfig`], no CFG (`guidance_scale=1.0`), no KL (`beta=0.0`), `scale_rewards="group"` (per-group
+    > std, as DanceGRPO; SLAS uses the batch std); and
     > `disable_dropout=True`, so that the first replay of a rollout has a ratio of exactly 1 (as TRL's `GRPOConfig`).
     """
 
-    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of rollouts and training (1.0: none)."})
     disable_dropout: bool = field(
         default=True, metadata={"help": "Zero every dropout of the policy so replayed log-probs match the rollout's."}
     )
-    sde_type: str = field(default="dance", metadata={"help": "Rollout SDE: 'dance', 'flow' or 'cps'."})
+    sde_type: str = field(default="dance_sde", metadata={"help": "Rollout SDE: 'dance_sde', 'flow_sde' or 'cps'."})
     noise_level: float = field(default=0.3, metadata={"help": "eta of the SDE: > 0; at most 1 for 'cps'."})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step log-prob ratio."})
     timestep_fraction: float = field(
@@ -85,20 +85,18 @@ class DanceGRPOConfig(FlowRLConfig):
     )
 
     def __post_init__(self):
-        self.sde_type = SDE_ALIASES.get(self.sde_type, self.sde_type)
         super().__post_init__()
         if self.sde_type == "ode":
-            raise ValueError("GRPO needs a stochastic policy: sde_type must be 'dance', 'flow' or 'cps', not 'ode'.")
+            raise ValueError(
+                "GRPO needs a stochastic policy: sde_type must be 'dance_sde', 'flow_sde' or 'cps', not 'ode'."
+            )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
-        if self.clip_range <= 0:
-            raise ValueError(f"clip_range must be positive; got {self.clip_range}.")
+        check_positive("clip_range", self.clip_range)
         if self.slas_target_kl is not None and (self.slas_target_kl <= 0 or self.advantage_shaping != "slas"):
             raise ValueError("slas_target_kl must be positive and needs advantage_shaping='slas'.")
-        if self.kl_type not in KL_TYPES:
-            raise ValueError(f"kl_type must be one of {KL_TYPES}; got {self.kl_type!r}.")
-        if self.advantage_std not in ADVANTAGE_STDS:
-            raise ValueError(f"advantage_std must be one of {tuple(ADVANTAGE_STDS)}; got {self.advantage_std!r}.")
+        check_choice("kl_type", self.kl_type, KL_TYPES)
+        check_choice("advantage_std", self.advantage_std, ADVANTAGE_STDS)
         if self.same_initial_noise and (self.per_device_train_batch_size * self.steps_per_generation) % (
             self.num_generations
         ):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..advantages import ADVANTAGE_STDS, adapt_slas_gamma, clip_advantages, group_advantages
+from ..advantages import ADVANTAGE_STDS, adapt_slas_gamma, clip_advantages, group_advantages, slas_advantages
 from ..sampling import StepOutput, step
 from .base_trainer import FlowRLTrainer
 from .grpo_config import DanceGRPOConfig
+from .transitions import Transition, transition_kl
 
 
 def grpo_clip_loss(
@@ -36,44 +36,9 @@ def grpo_clip_loss(
     return loss, metrics
 
 
-def sde_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """Flow-GRPO's KL between two step policies with the same std: ``mean_dims (mu - mu_ref)^2 / (2 s_t^2)`` with
-    ``s_t^2 = std^2 / (-dt)`` (the true Gaussian KL summed over dims and without the ``|dt|`` factor). `std` is the
-    step's per-sample std ``[B, 1, ...]``, `dt` ``[B]`` (negative). Returns `[B]`."""
-    dims = tuple(range(1, mean.dim()))
-    s2 = std.float().flatten(1)[:, 0] ** 2 / (-dt.float().view(-1))  # std is per sample, [B, 1, ...]
-    return (mean.float() - ref_mean.float().detach()).pow(2).mean(dims) / (2 * s2)
-
-
-@dataclass
-class Transition:
-    """The trained transition ``x_j -> x_{j+1}`` of each sample of a loss chunk, replayed under the current policy.
-
-    Args:
-        rows (`Tensor`): `[B]` sample indices in the micro-batch.
-        steps (`Tensor`): `[B]` indices into the sample's recorded transitions.
-        latents (`Tensor`): `[B, ...]` states ``x_j``.
-        next_latents (`Tensor`): `[B, ...]` sampled states ``x_{j+1}``.
-        sigma (`Tensor`), sigma_next (`Tensor`): `[B]` the transition's sigmas.
-        cond (`dict`): the samples' conditioning.
-        velocity (`Tensor`): the policy's guided velocity at ``x_j`` (with grad).
-        out ([`StepOutput`]): the policy's step: `mean` (with grad), `std`, `log_prob` of ``x_{j+1}``.
-    """
-
-    rows: torch.Tensor
-    steps: torch.Tensor
-    latents: torch.Tensor
-    next_latents: torch.Tensor
-    sigma: torch.Tensor
-    sigma_next: torch.Tensor
-    cond: dict[str, torch.Tensor]
-    velocity: torch.Tensor
-    out: StepOutput
-
-
 class DanceGRPOTrainer(FlowRLTrainer):
     """Trainer for GRPO on flow-matching SDE rollouts: DanceGRPO ([DanceGRPO: Unleashing GRPO on Visual
-    Generation](https://huggingface.co/papers/2505.07818)), Flow-GRPO with `sde_type="flow"`, or CPS steps; with
+    Generation](https://huggingface.co/papers/2505.07818)), Flow-GRPO with `sde_type="flow_sde"`, or CPS steps; with
     SLAS advantage shaping through `advantage_shaping="slas"`.
 
     Rollouts sample with a stochastic step (all transitions but the last), record each transition and its log-prob;
@@ -102,6 +67,7 @@ class DanceGRPOTrainer(FlowRLTrainer):
 
     config_class = DanceGRPOConfig
     _approx_kls: tuple[float, ...] = ()  # approx_kl of every loss chunk since the last rollout (for slas_target_kl)
+    _adapted_slas_gamma: float | None = None  # set once slas_target_kl has adapted it
     _tag_names = ["flow-trl", "diffusers", "text-to-image", "grpo"]
     _name = "GRPO"
     # docstyle-ignore
@@ -118,6 +84,12 @@ class DanceGRPOTrainer(FlowRLTrainer):
             }"""),
     }
 
+    @property
+    def slas_gamma(self) -> float:
+        """The SLAS exponent of the next rollout: `args.slas_gamma`, adapted during training with `slas_target_kl`
+        (the config keeps the value the user gave)."""
+        return self.args.slas_gamma if self._adapted_slas_gamma is None else self._adapted_slas_gamma
+
     def _before_generation(self) -> None:
         """With `slas_target_kl`, adapt `slas_gamma` to the previous rollout's mean approx_kl."""
         args, kls = self.args, self._approx_kls
@@ -125,27 +97,29 @@ class DanceGRPOTrainer(FlowRLTrainer):
         if args.slas_target_kl is None:
             return
         if kls:
-            args.slas_gamma = adapt_slas_gamma(args.slas_gamma, sum(kls) / len(kls), args.slas_target_kl)
-        self._metrics["train"]["slas/gamma"].append(args.slas_gamma)
+            self._adapted_slas_gamma = adapt_slas_gamma(self.slas_gamma, sum(kls) / len(kls), args.slas_target_kl)
+        self._metrics["train"]["slas/gamma"].append(self.slas_gamma)
 
     def _algorithm_state(self) -> dict[str, Any]:
         """The adapted `slas_gamma` and the approx_kls it has not consumed yet (with `slas_target_kl`)."""
         if self.args.slas_target_kl is None:
             return {}
-        return {"slas_gamma": self.args.slas_gamma, "approx_kls": list(self._approx_kls)}
+        return {"slas_gamma": self.slas_gamma, "approx_kls": list(self._approx_kls)}
 
     def _restore_algorithm_state(self, state: dict[str, Any]) -> None:
         if "slas_gamma" in state:
-            self.args.slas_gamma = state["slas_gamma"]
+            self._adapted_slas_gamma = state["slas_gamma"]
             self._approx_kls = tuple(state["approx_kls"])
 
     def compute_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """As [`FlowRLTrainer`], with the std convention `advantage_std` (SLAS keeps its batch population std)."""
+        """As [`FlowRLTrainer`], with the std convention `advantage_std` (SLAS keeps its batch population std) and
+        the current (possibly adapted) `slas_gamma`."""
         args = self.args
         if args.advantage_shaping == "slas":
-            return super().compute_advantages(rewards)
-        advantages = group_advantages(rewards, args.num_generations, args.scale_rewards,
-                                      **ADVANTAGE_STDS[args.advantage_std])
+            advantages = slas_advantages(rewards, args.num_generations, self.slas_gamma, args.slas_order)
+        else:
+            advantages = group_advantages(rewards, args.num_generations, args.scale_rewards,
+                                          **ADVANTAGE_STDS[args.advantage_std])
         return clip_advantages(advantages, args.advantage_clip)
 
     def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
@@ -184,13 +158,6 @@ class DanceGRPOTrainer(FlowRLTrainer):
         return step(self.args.sde_type, latents, velocity, sigma, sigma_next, self.args.noise_level,
                     sigma_max=float(self.sigmas[1]), prev_sample=next_latents)
 
-    def transition_kl(self, transition: Transition, other_velocity: torch.Tensor) -> torch.Tensor:
-        """`[B]` SDE-mean KL (`sde_mean_kl`) of the policy's step to the step another network (`other_velocity`,
-        detached) takes from the same state; gradient flows through the policy's mean."""
-        t = transition
-        other = self.replay_step(t.latents, other_velocity, t.sigma, t.sigma_next, t.next_latents)
-        return sde_mean_kl(t.out.mean, other.mean, t.out.std, t.sigma_next - t.sigma)
-
     def _transition_loss(self, inputs: dict[str, Any], transition: Transition) -> tuple[torch.Tensor, dict]:
         """The policy loss of one chunk: PPO's clipped surrogate with `_transition_advantages`."""
         t = transition
@@ -207,7 +174,7 @@ class DanceGRPOTrainer(FlowRLTrainer):
         sigma, sigma_next = sigmas[j.to(x.device)], sigmas[j.to(x.device) + 1]
         v = self.velocity(model, x, sigma, cond)
         out = self.replay_step(x, v, sigma, sigma_next, x_next)
-        transition = Transition(rows, s, x, x_next, sigma, sigma_next, cond, v, out)
+        transition = Transition(rows, s, x, x_next, sigma, sigma_next, cond, v, out, self.replay_step)
         loss, metrics = self._transition_loss(inputs, transition)
         if "approx_kl" in metrics:
             self._approx_kls = (*self._approx_kls, metrics["approx_kl"])
@@ -216,7 +183,7 @@ class DanceGRPOTrainer(FlowRLTrainer):
             with torch.no_grad(), self.policy("ref") as ref:
                 v_ref = self.velocity(ref, x, sigma, cond)
         if args.beta > 0 and args.kl_type == "sde_mean":
-            kl = self.transition_kl(transition, v_ref).mean()
+            kl = transition_kl(transition, v_ref).mean()
             loss = loss + args.beta * kl
             metrics["kl"] = kl.item()
         loss = loss + self.reference_terms(x, sigma, cond, v, v_ref=v_ref, transition=transition)
@@ -224,4 +191,4 @@ class DanceGRPOTrainer(FlowRLTrainer):
         return loss
 
 
-__all__ = ["DanceGRPOTrainer", "Transition", "grpo_clip_loss", "sde_mean_kl"]
+__all__ = ["DanceGRPOTrainer", "grpo_clip_loss"]

@@ -11,11 +11,35 @@ from __future__ import annotations
 
 import torch
 
-from ..lora import load_lora_adapter
 from ..regularizers import norm_guard, velocity_kl
+from .transitions import transition_kl
 
 
-class NormGuardMixin:
+class RegularizerMixin:
+    """A regularizer a trainer applies when it has this mixin among its bases, switched on by the config field
+    `coef_field` (> 0). `check_regularizers` refuses a config that switches on one the trainer does not have."""
+
+    coef_field: str
+
+    @classmethod
+    def supported_regularizers(cls) -> tuple[str, ...]:
+        """The coefficient fields of the regularizers this class applies (one per regularizer mixin in its bases)."""
+        return tuple(c.coef_field for c in cls.__mro__ if "coef_field" in vars(c))
+
+
+def check_regularizers(trainer_class: type, args) -> None:
+    """Refuse `args` that switch on a regularizer `trainer_class` does not apply (it would be silently ignored)."""
+    supported = trainer_class.supported_regularizers() if issubclass(trainer_class, RegularizerMixin) else ()
+    for mixin in RegularizerMixin.__subclasses__():
+        if getattr(args, mixin.coef_field, 0) > 0 and mixin.coef_field not in supported:
+            raise ValueError(
+                f"{trainer_class.__name__} does not include {mixin.__name__}; set {mixin.coef_field}=0, or compose "
+                f"it: `class MyTrainer({mixin.__name__}, {trainer_class.__name__})` (this trainer's regularizers: "
+                f"{', '.join(supported) or 'none'})."
+            )
+
+
+class NormGuardMixin(RegularizerMixin):
     """NormGuard (its paper's eq. 7-8; docs/algorithms.md#normguard): a hinge on the velocity norm above the
     reference's.
 
@@ -23,6 +47,8 @@ class NormGuardMixin:
     no larger than the base model's at the same ``(x_t, sigma, c)``; its gradient only shrinks ``|v|``. Configure it
     with `norm_guard_coef` (0 disables it and skips the reference forward it would need).
     """
+
+    coef_field = "norm_guard_coef"
 
     def _needs_reference(self) -> bool:
         return self.args.norm_guard_coef > 0 or super()._needs_reference()
@@ -35,7 +61,7 @@ class NormGuardMixin:
         return loss + guard, {**metrics, **guard_metrics}
 
 
-class ManifoldAnchorMixin:
+class ManifoldAnchorMixin(RegularizerMixin):
     """Manifold Anchor Regularization (MAR, Flow-OPD): a KL of the policy to a task-agnostic anchor, on every sample.
 
     ``L_MAR = mar_coef * mean_b KL_b(policy || anchor)`` at each trained step, from the same state and conditioning
@@ -53,14 +79,12 @@ class ManifoldAnchorMixin:
     """
 
     MAR_ADAPTER = "mar"
+    coef_field = "mar_coef"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.mar_coef > 0 and self.args.mar_adapter is not None:
-            if not self.is_lora:
-                raise ValueError("mar_adapter is a LoRA on the student's base: pass a peft_config (train a LoRA).")
-            load_lora_adapter(self.transformer, self.args.mar_adapter, self.MAR_ADAPTER)
-            self._activate("default")
+            self.policies.load_adapter(self.args.mar_adapter, self.MAR_ADAPTER, purpose="mar_adapter")
 
     def _needs_reference(self) -> bool:
         base_anchor = self.args.mar_coef > 0 and self.args.mar_adapter is None
@@ -84,7 +108,7 @@ class ManifoldAnchorMixin:
             v_ref = v_anchor
         loss = super().reference_terms(latents, sigma, cond, v, v_ref=v_ref, transition=transition)
         if transition is not None:
-            kl = self.transition_kl(transition, v_anchor).mean()
+            kl = transition_kl(transition, v_anchor).mean()
         else:
             kl = velocity_kl(v, v_anchor, 1.0)[0]
         self._log_train_metrics({"mar/kl": kl.item()})

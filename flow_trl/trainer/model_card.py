@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..hub import SAMPLE_GRID_NAME, card_hyperparameters, is_hub_id, render_model_card
+from ..images import save_image_grid
 
 
 class ModelCardMixin:
@@ -22,6 +23,8 @@ class ModelCardMixin:
         tags: str | list[str] | None = None,
         evaluation: dict[str, float] | None = None,
         sample_image: str | os.PathLike | None = None,
+        base_expr: str | None = None,
+        base_import: str | None = None,
         **kwargs,
     ) -> None:
         """Write the model card (`README.md`) and its sample grid (`sample_grid.png`) into `output_dir`.
@@ -36,11 +39,16 @@ class ModelCardMixin:
                 calls (so that `push_to_hub` keeps them).
             sample_image: an existing image to use as the sample grid; by default 8 fixed-seed samples of the
                 trained policy on the eval (else train) prompts. Remembered like `evaluation`.
+            base_expr, base_import: the Python expression the usage snippet loads the base pipeline from, and the
+                import it needs, for a base that is not a Hub id (e.g. ``"str(MY_PIPELINE_DIR)"`` and ``"from
+                my_package import MY_PIPELINE_DIR"``); a Hub base is loaded by its id. Remembered like `evaluation`.
         """
         if evaluation is not None:
             self._card_evaluation = dict(evaluation)
         if sample_image is not None:
             self._card_sample_image = str(sample_image)
+        if base_expr is not None:
+            self._card_base_source = {"base_expr": base_expr, "base_import": base_import}
         if not self.is_world_process_zero():
             return
         output_dir = Path(self.args.output_dir)
@@ -62,7 +70,7 @@ class ModelCardMixin:
             algorithm=self._name,
             trainer_class=type(self).__name__,
             pipeline_class=type(self.pipe).__name__,
-            is_lora=self.is_lora or self.args.lora_export_rank is not None,
+            is_lora=self.policies.writes_lora,
             rewards=list(zip(self.reward_func_names, weights)),
             hyperparameters=card_hyperparameters(self.args),
             paper=self._paper,
@@ -74,7 +82,7 @@ class ModelCardMixin:
             + ([tags] if isinstance(tags, str) else list(tags or [])),
             dataset_name=dataset_name,
             call_kwargs={"max_sequence_length": self.adapter.max_sequence_length},
-            **self._card_base_source(),
+            **getattr(self, "_card_base_source", {}),
         )
         card.save(output_dir / "README.md")
 
@@ -83,16 +91,6 @@ class ModelCardMixin:
         """The Hub id of the base pipeline (`None` when it was loaded from a local folder)."""
         name = getattr(self.pipe, "name_or_path", None)
         return name if is_hub_id(name) else None
-
-    def _card_base_source(self) -> dict[str, str]:
-        """How the card's usage snippet loads a base that is not on the Hub: the shipped shapes pipeline by name."""
-        from ..toy import SHAPES_PIPELINE_DIR
-
-        name = getattr(self.pipe, "name_or_path", None)
-        if name and os.path.isdir(name) and Path(name).resolve() == SHAPES_PIPELINE_DIR.resolve():
-            return {"base_expr": "str(SHAPES_PIPELINE_DIR)",
-                    "base_import": "from flow_trl.toy import SHAPES_PIPELINE_DIR"}
-        return {}
 
     def _last_eval_metrics(self) -> dict[str, float]:
         for entry in reversed(self.state.log_history):
@@ -111,8 +109,6 @@ class ModelCardMixin:
     @torch.no_grad()
     def _render_sample_grid(self, path: Path, num_images: int = 8) -> None:
         """ODE samples of the trained policy, one fixed seed per image (`eval_seed + i`), saved as a grid."""
-        from ..toy.evaluation import save_image_grid
-
         images = self.sample_with_seeds(self.transformer, self._card_prompts(num_images), list(range(num_images)),
                                         self.sigmas)
         save_image_grid(images.cpu(), path, ncols=min(4, num_images))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .base_config import FlowRLConfig
 from .utils import SOFT_UPDATE_SCHEDULES
+from .validation import check_choice, check_positive
 
 
 @dataclass
@@ -15,9 +16,14 @@ class FlowNFTConfig(FlowRLConfig):
 
     Inherits every field of [`FlowRLConfig`]. NFT-specific fields:
 
-    nft_beta (`float`, defaults to `1.0`):
-        Strength of the implicit policies: `v+ = b v_theta + (1 - b) v_old`, `v- = (1 + b) v_old - b v_theta`. The
-        reference uses 1.0 (0.1 for OCR and multi-reward runs).
+    implicit_policy_strength (`float`, defaults to `1.0`):
+        Strength `b` of the implicit policies, `v+ = b v_theta + (1 - b) v_old`, `v- = (1 + b) v_old - b v_theta`
+        (the paper's guidance strength beta; the loss is divided by it). The reference uses 1.0 (0.1 for OCR and
+        multi-reward runs).
+    advantage_scale (`float`, defaults to `5.0`):
+        Maps advantages to NFT's optimality probability `r = clip(A / advantage_scale / 2 + 0.5, 0, 1)` (`A = 0` gives
+        0.5, `A >= advantage_scale` gives 1) and multiplies the loss, as the reference does with its advantage clip
+        (5). Independent of `advantage_clip`, which clips the advantages beforehand.
     timestep_fraction (`float`, defaults to `0.99`):
         Each sample trains on `int(num_inference_steps * timestep_fraction)` distinct grid sigmas (9 of 10).
     rollout_guidance_scale (`float`, *optional*):
@@ -31,18 +37,22 @@ class FlowNFTConfig(FlowRLConfig):
         `min(0.0075 (step - 75), 0.999)` after (`"delayed"`, the reference's OCR schedule).
 
     > [!NOTE]
-    > Defaults that differ from [`FlowRLConfig`], following the reference: `guidance_scale=1.0` (NFT is CFG-free),
-    > `beta=1e-4` (velocity KL to the base model), `scale_rewards="batch"` (flow_grpo's global std). The advantage is
-    > clipped to `advantage_clip` (5) and mapped to `r = clip(A / advantage_clip / 2 + 0.5, 0, 1)`. Rollouts use
-    > Euler ODE sampling by default (the reference uses a deterministic DPM-Solver-2; NFT accepts any sampler).
+    > Defaults that differ from [`FlowRLConfig`], following the reference: `beta=1e-4` (velocity KL to the base
+    > model), `scale_rewards="batch"` (flow_grpo's global std). As in [`FlowRLConfig`], training is CFG-free
+    > (`guidance_scale=1.0`). Rollouts use Euler ODE sampling by default (the reference uses a deterministic
+    > DPM-Solver-2; NFT accepts any sampler).
     """
 
-    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale (1.0: NFT is CFG-free)."})
     beta: float = field(default=1e-4, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
     scale_rewards: str = field(
         default="batch", metadata={"help": "Advantage std: 'batch' (global std, NFT's default), 'group' or 'none'."}
     )
-    nft_beta: float = field(default=1.0, metadata={"help": "Strength of NFT's implicit positive/negative policies."})
+    implicit_policy_strength: float = field(
+        default=1.0, metadata={"help": "Strength b of NFT's implicit policies (the paper's guidance strength beta)."}
+    )
+    advantage_scale: float = field(
+        default=5.0, metadata={"help": "r = clip(A / advantage_scale / 2 + 0.5, 0, 1); also multiplies the loss."}
+    )
     timestep_fraction: float = field(
         default=0.99, metadata={"help": "Fraction of the sampling grid's sigmas trained per sample."}
     )
@@ -55,17 +65,12 @@ class FlowNFTConfig(FlowRLConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.nft_beta <= 0:
-            raise ValueError(f"nft_beta must be positive; got {self.nft_beta}.")
+        check_positive("implicit_policy_strength", self.implicit_policy_strength)
+        check_positive("advantage_scale", self.advantage_scale)
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
         if self.rollout_guidance_scale is not None and self.rollout_guidance_scale <= 0:
             raise ValueError(
                 f"rollout_guidance_scale must be positive (1.0: no CFG); got {self.rollout_guidance_scale}."
             )
-        if self.old_policy_decay not in SOFT_UPDATE_SCHEDULES:
-            raise ValueError(
-                f"old_policy_decay must be one of {SOFT_UPDATE_SCHEDULES}; got {self.old_policy_decay!r}."
-            )
-        if self.advantage_clip is None:
-            raise ValueError("NFT maps advantages to [0, 1] through advantage_clip; set it (the reference uses 5.0).")
+        check_choice("old_policy_decay", self.old_policy_decay, SOFT_UPDATE_SCHEDULES)

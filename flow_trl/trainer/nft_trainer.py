@@ -17,9 +17,9 @@ from .nft_config import FlowNFTConfig
 OLD_POLICY_MAX_DECAY = 0.5  # cap of the "linear" schedule (the reference's decay_type 1)
 
 
-def advantage_to_r(advantages: torch.Tensor, advantage_clip: float) -> torch.Tensor:
-    """NFT's optimality probability ``r = clip(A / clip / 2 + 0.5, 0, 1)``: A = 0 -> 0.5, A >= clip -> 1."""
-    return (advantages.clamp(-advantage_clip, advantage_clip) / advantage_clip / 2 + 0.5).clamp(0, 1)
+def advantage_to_r(advantages: torch.Tensor, advantage_scale: float) -> torch.Tensor:
+    """NFT's optimality probability ``r = clip(A / scale / 2 + 0.5, 0, 1)``: A = 0 -> 0.5, A >= scale -> 1."""
+    return (advantages / advantage_scale / 2 + 0.5).clamp(0, 1)
 
 
 def nft_loss(
@@ -29,7 +29,7 @@ def nft_loss(
     x0: torch.Tensor,
     sigma: torch.Tensor,
     r: torch.Tensor,
-    nft_beta: float,
+    strength: float,
     loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Diffusion-NFT's policy loss (docs/algorithms.md#nft), a pure function.
@@ -41,19 +41,19 @@ def nft_loss(
     Args:
         v_theta: trained velocity `[B, ...]` (with gradient). v_old: old-policy velocity (no gradient).
         x_t: the noised clean latents at `sigma`. x0: the clean latents. sigma: `[B]` in [0, 1].
-        r: `[B]` optimality probabilities in [0, 1]. nft_beta: `b` above. loss_scale: the reference multiplies by
-            its advantage clip (5).
+        r: `[B]` optimality probabilities in [0, 1]. strength: `b` above (`implicit_policy_strength`).
+            loss_scale: the reference multiplies by its advantage scale (5, `advantage_scale`).
     """
     dims = tuple(range(1, v_theta.dim()))
     s = sigma.float().view(-1, *([1] * (v_theta.dim() - 1)))
     v_theta, v_old, x_t, x0 = v_theta.float(), v_old.float().detach(), x_t.float(), x0.float()
-    x0_pos = x_t - s * (nft_beta * v_theta + (1 - nft_beta) * v_old)
-    x0_neg = x_t - s * ((1 + nft_beta) * v_old - nft_beta * v_theta)
+    x0_pos = x_t - s * (strength * v_theta + (1 - strength) * v_old)
+    x0_neg = x_t - s * ((1 + strength) * v_old - strength * v_theta)
     w_pos = (x0_pos - x0).abs().mean(dims).detach().clamp(min=1e-5)
     w_neg = (x0_neg - x0).abs().mean(dims).detach().clamp(min=1e-5)
     loss_pos = (x0_pos - x0).pow(2).mean(dims) / w_pos
     loss_neg = (x0_neg - x0).pow(2).mean(dims) / w_neg
-    loss = loss_scale * ((r * loss_pos + (1 - r) * loss_neg) / nft_beta).mean()
+    loss = loss_scale * ((r * loss_pos + (1 - r) * loss_neg) / strength).mean()
     metrics = {"nft/positive_loss": loss_pos.mean().item(), "nft/negative_loss": loss_neg.mean().item()}
     return loss, metrics
 
@@ -127,8 +127,10 @@ class FlowNFTTrainer(NormGuardMixin, FlowRLTrainer):
         v_theta = self.velocity(model, x_t, sigma, cond)
         with torch.no_grad(), self.policy("old") as old:
             v_old = self.velocity(old, x_t, sigma, cond)
-        r = advantage_to_r(inputs["advantages"], self.args.advantage_clip)
-        loss, metrics = nft_loss(v_theta, v_old, x_t, x0, sigma, r, self.args.nft_beta, self.args.advantage_clip)
+        args = self.args
+        r = advantage_to_r(inputs["advantages"], args.advantage_scale)
+        loss, metrics = nft_loss(v_theta, v_old, x_t, x0, sigma, r, args.implicit_policy_strength,
+                                 loss_scale=args.advantage_scale)
         loss = loss + self.reference_terms(x_t, sigma, cond, v_theta)
         self._log_train_metrics(metrics)
         return loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .grpo_config import DanceGRPOConfig
+from .validation import check_choice, check_positive
 
 
 OPD_MODES = ("kl_only", "gkd", "mixed")
@@ -64,12 +65,12 @@ class FlowOPDConfig(DanceGRPOConfig):
         with other weights). Exclusive with `cold_start="merge"`.
 
     > [!NOTE]
-    > Defaults that differ from [`DanceGRPOConfig`], following Flow-OPD: `sde_type="flow"`, `noise_level=0.7`,
+    > Defaults that differ from [`DanceGRPOConfig`], following Flow-OPD: `sde_type="flow_sde"`, `noise_level=0.7`,
     > `timestep_fraction=0.99`, `mar_coef=0.04`. `advantage_std` stays `"population"` (std + 1e-4), the convention of
     > Flow-GRPO, on whose code Flow-OPD is built; it matters only for `opd_mode="mixed"`'s task advantage.
     """
 
-    sde_type: str = field(default="flow", metadata={"help": "Rollout SDE: 'dance', 'flow' or 'cps'."})
+    sde_type: str = field(default="flow_sde", metadata={"help": "Rollout SDE: 'dance_sde', 'flow_sde' or 'cps'."})
     noise_level: float = field(default=0.7, metadata={"help": "eta of the SDE: > 0; at most 1 for 'cps'."})
     timestep_fraction: float = field(
         default=0.99, metadata={"help": "Fraction of each sample's stochastic transitions trained (never the last)."}
@@ -96,12 +97,9 @@ class FlowOPDConfig(DanceGRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.teachers = parse_teachers(self.teachers) or None
-        if self.opd_mode not in OPD_MODES:
-            raise ValueError(f"opd_mode must be one of {OPD_MODES}; got {self.opd_mode!r}.")
-        if self.cold_start not in COLD_STARTS:
-            raise ValueError(f"cold_start must be one of {COLD_STARTS}; got {self.cold_start!r}.")
+        parse_teachers(self.teachers)  # malformed entries fail here; the trainer resolves them
+        check_choice("opd_mode", self.opd_mode, OPD_MODES)
+        check_choice("cold_start", self.cold_start, COLD_STARTS)
         if self.cold_start == "merge" and self.init_adapter is not None:
             raise ValueError("Set either cold_start='merge' or init_adapter, not both.")
-        if self.teacher_kl_coef <= 0:
-            raise ValueError(f"teacher_kl_coef must be positive; got {self.teacher_kl_coef}.")
+        check_positive("teacher_kl_coef", self.teacher_kl_coef)

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from ..lora import load_lora_adapter, merge_lora_adapters, read_lora, set_adapter_weights
+from ..lora import merge_lora_adapters, read_lora, set_adapter_weights
 from ..models import index_conditioning
-from .grpo_trainer import DanceGRPOTrainer, Transition, grpo_clip_loss
+from .grpo_trainer import DanceGRPOTrainer, grpo_clip_loss
 from .mixins import ManifoldAnchorMixin
 from .opd_config import FlowOPDConfig, parse_teachers
+from .transitions import Transition, transition_kl
 
 
 def opd_advantages(
@@ -139,7 +140,7 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
             optimizers=optimizers,
             peft_config=peft_config,
         )
-        self.teachers = self.args.teachers = teachers  # recorded in training_args.bin and the model card
+        self.teachers = teachers  # resolved `{task: LoRA}`; `args.teachers` stays what the user gave
         if train_dataset is not None:
             self._check_routing(
                 train_dataset[self.args.task_column] if self.args.task_column in train_dataset.column_names else None
@@ -149,12 +150,11 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
         self.teacher_adapters = [f"teacher_{k}" for k in range(len(paths))]
         self._teacher_of_task = {task: paths.index(path) for task, path in teachers.items()}
         for name, path in zip(self.teacher_adapters, paths):
-            load_lora_adapter(self.transformer, path, name)
+            self.policies.load_adapter(path, name, purpose="A teacher")
         if self.args.cold_start == "merge":
             set_adapter_weights(self.transformer, merge_lora_adapters(paths, method="mean"))
         elif self.args.init_adapter is not None:
             set_adapter_weights(self.transformer, read_lora(self.args.init_adapter)[0])
-        self._activate("default")
 
     def _check_routing(self, tasks: list | None) -> None:
         """Every task value must have a teacher (the column must exist)."""
@@ -208,7 +208,7 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
         """Flow-OPD's loss of one chunk: the per-step KL to the routed teacher as a PPO reward or minimised."""
         args, t = self.args, transition
         v_teacher = self.teacher_velocity(t.latents, t.sigma, t.cond, inputs["teacher_ids"][t.rows])
-        kl = self.transition_kl(t, v_teacher)
+        kl = transition_kl(t, v_teacher)
         keep = inputs["keep"][t.rows] if "keep" in inputs else torch.ones_like(kl)
         metrics = {"opd/teacher_kl": kl.detach().mean().item()}
         if args.opd_mode == "gkd":

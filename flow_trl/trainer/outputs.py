@@ -110,7 +110,7 @@ def validate_checkpoint_dir(checkpoint: str | os.PathLike | bool, trainer) -> st
         FileNotFoundError: the path does not exist, `True` finds no checkpoint, or files are missing (all named).
         NotADirectoryError: the path is a file.
     """
-    from .base_trainer import POLICY_STATE_FILE, WEIGHT_EMA_FILE
+    from .checkpointing import POLICY_STATE_FILE, WEIGHT_EMA_FILE
 
     if checkpoint is True:
         output_dir = trainer.args.output_dir
@@ -131,8 +131,7 @@ def validate_checkpoint_dir(checkpoint: str | os.PathLike | bool, trainer) -> st
         raise NotADirectoryError(
             f"resume_from_checkpoint {checkpoint} is not a folder: pass the checkpoint-<step> folder, not a file."
         )
-    weights = LORA_WEIGHTS_NAME if trainer.is_lora else f"{TRANSFORMER_FOLDER}/"
-    required = [TRAINER_STATE_NAME, weights]
+    required = [TRAINER_STATE_NAME, trainer.policies.weights_name]
     if trainer._policy_adapters:
         required.append(POLICY_STATE_FILE)
     if trainer.weight_ema is not None:

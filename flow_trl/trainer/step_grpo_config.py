@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..advantages import STEP_ADVANTAGE_MODES
 from .grpo_config import DanceGRPOConfig
+from .validation import check_choice
 
 
 @dataclass
@@ -41,8 +42,7 @@ class StepGRPOConfig(DanceGRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.step_advantage not in STEP_ADVANTAGE_MODES:
-            raise ValueError(f"step_advantage must be one of {STEP_ADVANTAGE_MODES}; got {self.step_advantage!r}.")
+        check_choice("step_advantage", self.step_advantage, STEP_ADVANTAGE_MODES)
         if not 0 <= self.terminal_reward_weight <= 1:
             raise ValueError(f"terminal_reward_weight must be in [0, 1]; got {self.terminal_reward_weight}.")
         if self.advantage_shaping != "none":

@@ -27,14 +27,6 @@ def soft_update_decay(step: int, schedule: str, max_decay: float = 0.5) -> float
     raise ValueError(f"Unknown soft-update schedule {schedule!r}; expected one of {SOFT_UPDATE_SCHEDULES}.")
 
 
-def disable_dropout(module: nn.Module) -> None:
-    """Set the probability of every dropout layer of `module` (LoRA dropout included) to 0, so that its training
-    forward computes the same function as the forward that sampled (likelihood ratios start at exactly 1)."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Dropout):
-            layer.p = 0.0
-
-
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put `module` in eval mode (no dropout) for the block and restore its previous train/eval mode afterwards."""
