@@ -23,7 +23,7 @@ TINY_RUN: dict[str, Any] = dict(
 )
 
 
-def tiny_config(config_class: type, output_dir, **overrides: Any):
+def tiny_config(config_class: type, output_dir, /, **overrides: Any):
     """A `config_class` (any flow_trl trainer config) with `TINY_RUN`'s settings; `overrides` replace any of them."""
     return config_class(**{"output_dir": str(output_dir), **TINY_RUN, **overrides})
 

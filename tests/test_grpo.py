@@ -139,14 +139,14 @@ def test_resume_restores_the_adapted_slas_gamma(tmp_path):
             control.should_training_stop = state.global_step == 2
 
     def run(out, stop=False, resume=None):
-        args = grpo_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2,
+        args = tiny_config(DanceGRPOConfig, out, **GRPO, max_steps=4, save_strategy="steps", save_steps=2,
                            advantage_shaping="slas", slas_gamma=1.0, slas_target_kl=1.0)
         trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes", peft_config=LoraConfig(r=4),
                                    train_dataset=train_prompts(8),
                                    callbacks=[StopAtTwo()] if stop else None)
         trainer.train(resume_from_checkpoint=resume)
         return trainer.slas_gamma, {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()
-                                         if "lora_" in n}
+                                    if "lora_" in n}
 
     full_gamma, full = run(tmp_path / "full")
     run(tmp_path / "part", stop=True)

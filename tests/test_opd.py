@@ -20,6 +20,7 @@ from flow_trl import (
 from flow_trl.lora import read_lora
 from flow_trl.toy import shapes_dataset
 from flow_trl.trainer.opd_trainer import constant_group_mask, opd_advantages
+from flow_trl.trainer.transitions import transition_kl
 
 
 TINY = dict(TINY_RUN, timestep_fraction=1.0)
@@ -87,7 +88,7 @@ def test_per_step_kl_matches_the_flow_sde_hand_formula(tmp_path, teachers):
     v_teacher = trainer.teacher_velocity(t.latents, t.sigma, t.cond, inputs["teacher_ids"])
     student_v = t.velocity.detach().requires_grad_(True)
     out = trainer.replay_step(t.latents, student_v, t.sigma, t.sigma_next, t.next_latents)
-    kl = trainer.transition_kl(type(t)(**{**vars(t), "velocity": student_v, "out": out}), v_teacher)
+    kl = transition_kl(type(t)(**{**vars(t), "velocity": student_v, "out": out}), v_teacher)
     # by hand (Flow-GRPO's SDE, eta 0.7): mu = x (1 + s^2 dt / 2 sigma) + v (1 + s^2 (1 - sigma) / 2 sigma) dt with
     # s = eta sqrt(sigma / (1 - sigma)), std^2 = s^2 (-dt), KL = mean (mu_s - mu_t)^2 / (2 s^2)
     eta = trainer.args.noise_level
@@ -258,8 +259,11 @@ def test_clear_errors(tmp_path, teachers):
         FlowOPDConfig(output_dir=str(tmp_path), cold_start="merge", init_adapter="x")
 
 
-def test_shapes_command_without_teachers_says_how_to_train_them(tmp_path):
+def test_shapes_command_without_teachers_says_how_to_train_them(tmp_path, capsys):
     from flow_trl.scripts.opd import cli
 
-    with pytest.raises(FileNotFoundError, match="--train_teachers"):
+    with pytest.raises(SystemExit) as exit_info:
         cli(["--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("flow-trl: error: No shapes-world teacher") and "--train_teachers" in error

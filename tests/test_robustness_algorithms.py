@@ -166,7 +166,7 @@ def test_opd_gkd_trainer_loss_ignores_filtered_groups(tmp_path, teacher, monkeyp
     inputs = trainer._generate_and_score([row] * 4)
     torch.testing.assert_close(inputs["keep"], constant_group_mask(inputs["rewards"], 2))
     kl = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    monkeypatch.setattr(trainer, "transition_kl", lambda transition, v: kl)
+    monkeypatch.setattr("flow_trl.trainer.opd_trainer.transition_kl", lambda transition, v: kl)
     inputs["keep"] = torch.tensor([0.0, 0.0, 1.0, 1.0])
     assert trainer._compute_loss(trainer.model, inputs, 0).item() == pytest.approx(2.0 * (3.0 + 4.0) / 2)
 

@@ -21,15 +21,17 @@ class RegularizerMixin:
 
     coef_field: str
 
-    @classmethod
-    def supported_regularizers(cls) -> tuple[str, ...]:
-        """The coefficient fields of the regularizers this class applies (one per regularizer mixin in its bases)."""
-        return tuple(c.coef_field for c in cls.__mro__ if "coef_field" in vars(c))
+
+def supported_regularizers(trainer_class: type) -> tuple[str, ...]:
+    """The coefficient fields of the regularizers `trainer_class` applies (one per regularizer mixin in its
+    bases), e.g. ``("norm_guard_coef",)`` for [`FlowNFTTrainer`]."""
+    return tuple(c.coef_field for c in trainer_class.__mro__
+                 if issubclass(c, RegularizerMixin) and "coef_field" in vars(c))
 
 
 def check_regularizers(trainer_class: type, args) -> None:
     """Refuse `args` that switch on a regularizer `trainer_class` does not apply (it would be silently ignored)."""
-    supported = trainer_class.supported_regularizers() if issubclass(trainer_class, RegularizerMixin) else ()
+    supported = supported_regularizers(trainer_class)
     for mixin in RegularizerMixin.__subclasses__():
         if getattr(args, mixin.coef_field, 0) > 0 and mixin.coef_field not in supported:
             raise ValueError(
