@@ -2,6 +2,7 @@
 change. Config checks take milliseconds; the trainer checks stop before any rollout. The catalogue of every handled
 input, with the test that exercises it, is in docs/troubleshooting.md."""
 
+import dataclasses
 import logging
 import sys
 
@@ -44,6 +45,7 @@ from flow_trl.toy import (
     shapes_preference_dataset,
 )
 from flow_trl.toy.evaluation import generate, sigma_schedule
+from flow_trl.trainer.base_config import ManifoldAnchorArguments, NormGuardArguments
 
 
 def config(cls, tmp_path, **overrides):
@@ -138,16 +140,29 @@ def test_eval_dataset_without_prompt_column(tmp_path):
 
 
 def test_norm_guard_on_a_trainer_without_it(tmp_path):
+    """The config of a trainer without NormGuard has no `norm_guard_coef`; a config composed with it is refused by a
+    trainer that does not apply it."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'norm_guard_coef'"):
+        config(DanceGRPOConfig, tmp_path, norm_guard_coef=0.1)
+
+    @dataclasses.dataclass
+    class NormGuardGRPOConfig(NormGuardArguments, DanceGRPOConfig):
+        pass
+
     with pytest.raises(ValueError, match="DanceGRPOTrainer does not include NormGuardMixin; set norm_guard_coef=0"):
-        DanceGRPOTrainer(MODEL, args=config(DanceGRPOConfig, tmp_path, norm_guard_coef=0.1), reward_funcs="shapes",
-                         train_dataset=train_prompts(16))
+        DanceGRPOTrainer(MODEL, args=config(NormGuardGRPOConfig, tmp_path, norm_guard_coef=0.1),
+                         reward_funcs="shapes", train_dataset=train_prompts(16))
 
 
 def test_mar_adapter_without_lora(tmp_path):
     class MARNFTTrainer(ManifoldAnchorMixin, FlowNFTTrainer):
         pass
 
-    args = config(FlowNFTConfig, tmp_path, mar_coef=0.1, mar_adapter=str(tmp_path / "anchor"))
+    @dataclasses.dataclass
+    class MARNFTConfig(ManifoldAnchorArguments, FlowNFTConfig):
+        pass
+
+    args = config(MARNFTConfig, tmp_path, mar_coef=0.1, mar_adapter=str(tmp_path / "anchor"))
     with pytest.raises(ValueError, match="mar_adapter is a LoRA on the student's base: pass a peft_config"):
         MARNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16))
 

@@ -1,13 +1,15 @@
 """`Policies` (LoRA adapters or frozen full copies behind one API) and the trainers' declared regularizers."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from peft import LoraConfig
 
-from flow_trl import DanceGRPOConfig, DanceGRPOTrainer, FlowNFTTrainer, FlowOPDTrainer
+from flow_trl import DanceGRPOConfig, DanceGRPOTrainer, FlowNFTConfig, FlowNFTTrainer, FlowOPDTrainer
 from flow_trl.models import get_adapter
+from flow_trl.trainer.base_config import NormGuardArguments
 from flow_trl.trainer.mixins import ManifoldAnchorMixin, check_regularizers, supported_regularizers
 from flow_trl.trainer.policies import Policies
 
@@ -124,8 +126,23 @@ def test_trainers_declare_their_regularizers():
     assert set(supported_regularizers(Both)) == {"norm_guard_coef", "mar_coef"}
 
 
+@dataclasses.dataclass
+class NormGuardGRPOConfig(NormGuardArguments, DanceGRPOConfig):
+    """A GRPO config composed with the NormGuard field, for a trainer composed with `NormGuardMixin`."""
+
+
+def test_a_regularizer_is_refused_at_config_time_by_a_config_without_it(tmp_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'norm_guard_coef'"):
+        DanceGRPOConfig(output_dir=str(tmp_path), norm_guard_coef=0.1, report_to="none")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mar_coef'"):
+        FlowNFTConfig(output_dir=str(tmp_path), mar_coef=0.1, report_to="none")
+    assert NormGuardGRPOConfig(output_dir=str(tmp_path), norm_guard_coef=0.1, report_to="none").norm_guard_coef == 0.1
+    with pytest.raises(ValueError, match="norm_guard_coef must be >= 0"):
+        NormGuardGRPOConfig(output_dir=str(tmp_path), norm_guard_coef=-1.0, report_to="none")
+
+
 def test_a_regularizer_is_refused_before_anything_loads_and_by_class_not_by_name(tmp_path):
-    args = DanceGRPOConfig(output_dir=str(tmp_path), norm_guard_coef=0.1, report_to="none")
+    args = NormGuardGRPOConfig(output_dir=str(tmp_path), norm_guard_coef=0.1, report_to="none")
     # the model path does not exist: the config is refused before the pipeline would load
     with pytest.raises(ValueError, match=r"DanceGRPOTrainer does not include NormGuardMixin; set norm_guard_coef=0, "
                                          r"or compose it: .*\(this trainer's regularizers: none\)"):
@@ -140,3 +157,21 @@ def test_a_regularizer_is_refused_before_anything_loads_and_by_class_not_by_name
     with pytest.raises(ValueError, match="Impostor does not include NormGuardMixin"):
         check_regularizers(Impostor, args)
     check_regularizers(DanceGRPOTrainer, DanceGRPOConfig(output_dir=str(tmp_path), report_to="none"))
+
+
+def test_a_trainer_composed_with_norm_guard_applies_it(tmp_path):
+    """The composition docs/trainers.md shows: GRPO + NormGuardMixin with a config composed with its field trains
+    and logs the NormGuard term."""
+    from helpers import MODEL, tiny_config, tiny_lora, train_prompts
+
+    from flow_trl.trainer.mixins import NormGuardMixin
+
+    class NormGuardGRPOTrainer(NormGuardMixin, DanceGRPOTrainer):
+        pass
+
+    args = tiny_config(NormGuardGRPOConfig, tmp_path, norm_guard_coef=1.0, timestep_fraction=1.0)
+    trainer = NormGuardGRPOTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(8),
+                                   peft_config=tiny_lora())
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert "norm_guard/loss" in logged and "norm_guard/active_frac" in logged, sorted(logged)

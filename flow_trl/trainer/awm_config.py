@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..timesteps import TIMESTEP_SAMPLERS
-from .base_config import FlowRLConfig
+from .base_config import FlowRLConfig, NormGuardArguments
 from .utils import SOFT_UPDATE_SCHEDULES
 from .validation import check_choice, check_non_negative, check_positive
 
@@ -14,7 +14,7 @@ AWM_WEIGHTINGS = ("ghuber", "uniform")
 
 
 @dataclass
-class FlowAWMConfig(FlowRLConfig):
+class FlowAWMConfig(NormGuardArguments, FlowRLConfig):
     r"""
     Configuration of [`FlowAWMTrainer`] (Advantage Weighted Matching, https://huggingface.co/papers/2509.25050).
 

@@ -29,6 +29,48 @@ FULL_FINETUNE_PARAMS = ("all", "linear")
 
 
 @dataclass
+class NormGuardArguments:
+    r"""
+    The NormGuard field, on the configs of trainers that include [`NormGuardMixin`] (NFT, AWM, DPO). A config without
+    it refuses `norm_guard_coef` when it is built; to add NormGuard to another trainer, compose both:
+    `class MyTrainer(NormGuardMixin, DanceGRPOTrainer)` with `@dataclass class MyConfig(NormGuardArguments,
+    DanceGRPOConfig)`.
+
+    norm_guard_coef (`float`, defaults to `0.0`):
+        Coefficient of the NormGuard hinge on velocity norms above the reference's (docs/algorithms.md#normguard);
+        0 disables it and skips the reference forward it needs.
+    """
+
+    norm_guard_coef: float = field(
+        default=0.0, metadata={"help": "NormGuard hinge coefficient on velocity norms above the reference's."}
+    )
+
+
+@dataclass
+class ManifoldAnchorArguments:
+    r"""
+    The Manifold Anchor Regularization fields, on the configs of trainers that include [`ManifoldAnchorMixin`]
+    (Flow-OPD); compose them as for [`NormGuardArguments`].
+
+    mar_coef (`float`, defaults to `0.0`):
+        Coefficient of the KL of the policy to a task-agnostic anchor at every trained step, in the trainer's KL form
+        (SDE-mean for SDE trainers, velocity otherwise; docs/algorithms.md#mar). 0 disables it.
+    mar_adapter (`str`, *optional*):
+        The anchor: a diffusers-format LoRA (folder, file or Hub id) on the same base; unset: the base model.
+    """
+
+    mar_coef: float = field(
+        default=0.0, metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (0: off)."}
+    )
+    mar_adapter: str | None = field(
+        default=None, metadata={"help": "MAR anchor LoRA (folder, file or Hub id); unset: the base model."}
+    )
+
+
+REGULARIZER_COEFFICIENTS = ("norm_guard_coef", "mar_coef")
+
+
+@dataclass
 class FlowRLConfig(TrainingArguments):
     r"""
     Configuration shared by all flow_trl trainers (a [`~transformers.TrainingArguments`] subclass).
@@ -106,14 +148,6 @@ class FlowRLConfig(TrainingArguments):
 
     beta (`float`, defaults to `0.0`):
         Coefficient of the velocity-space KL to the reference model (the base model: LoRA adapters disabled).
-    norm_guard_coef (`float`, defaults to `0.0`):
-        Coefficient of the NormGuard hinge on velocity norms above the reference's (trainers with `NormGuardMixin`).
-    mar_coef (`float`, defaults to `0.0`):
-        Coefficient of Manifold Anchor Regularization (trainers with `ManifoldAnchorMixin`): the KL of the policy to a
-        task-agnostic anchor at every trained step, in the trainer's KL form (SDE-mean for SDE trainers, velocity
-        otherwise). 0 disables it.
-    mar_adapter (`str`, *optional*):
-        The MAR anchor: a diffusers-format LoRA (folder, file or Hub id) on the same base; unset: the base model.
     diagnostics_every_log (`bool`, defaults to `True`):
         On logging steps, run the reference forward even when no loss term needs it, to log
         `velocity_norm_ratio` (the norm-inflation diagnostic). Costs one forward per trained timestep on those steps.
@@ -234,15 +268,6 @@ class FlowRLConfig(TrainingArguments):
 
     # regularization and diagnostics
     beta: float = field(default=0.0, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
-    norm_guard_coef: float = field(
-        default=0.0, metadata={"help": "NormGuard hinge coefficient on velocity norms above the reference's."}
-    )
-    mar_coef: float = field(
-        default=0.0, metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (0: off)."}
-    )
-    mar_adapter: str | None = field(
-        default=None, metadata={"help": "MAR anchor LoRA (folder, file or Hub id); unset: the base model."}
-    )
     diagnostics_every_log: bool = field(
         default=True, metadata={"help": "Run the reference forward on logging steps to log velocity_norm_ratio."}
     )
@@ -312,8 +337,9 @@ class FlowRLConfig(TrainingArguments):
                 f"resolution must be a positive number of pixels (the side of the square images); got "
                 f"{self.resolution}. Leave it unset for the pipeline's native resolution."
             )
-        for name in ("noise_level", "beta", "norm_guard_coef", "mar_coef"):
-            check_non_negative(name, getattr(self, name))
+        for name in ("noise_level", "beta", *REGULARIZER_COEFFICIENTS):
+            if hasattr(self, name):  # the regularizer fields exist on the configs of trainers that apply them
+                check_non_negative(name, getattr(self, name))
         check_positive("guidance_scale", self.guidance_scale)
         check_positive("advantage_clip", self.advantage_clip, optional=True)
         if self.num_iterations < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..timesteps import TIMESTEP_SAMPLERS
-from .base_config import FlowRLConfig
+from .base_config import FlowRLConfig, NormGuardArguments
 from .validation import check_choice, check_positive
 
 
@@ -14,7 +14,7 @@ DEFAULT_NUM_GENERATIONS = 8
 
 
 @dataclass
-class FlowDPOConfig(FlowRLConfig):
+class FlowDPOConfig(NormGuardArguments, FlowRLConfig):
     r"""
     Configuration of [`FlowDPOTrainer`] (Diffusion-DPO, https://huggingface.co/papers/2311.12908, on the flow-matching
     velocity as in flow_grpo's SD3 DPO).

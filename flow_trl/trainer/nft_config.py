@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base_config import FlowRLConfig
+from .base_config import FlowRLConfig, NormGuardArguments
 from .utils import SOFT_UPDATE_SCHEDULES
 from .validation import check_choice, check_positive
 
 
 @dataclass
-class FlowNFTConfig(FlowRLConfig):
+class FlowNFTConfig(NormGuardArguments, FlowRLConfig):
     r"""
     Configuration of [`FlowNFTTrainer`] (Diffusion-NFT, https://huggingface.co/papers/2509.16117).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .base_config import ManifoldAnchorArguments
 from .grpo_config import DanceGRPOConfig
 from .validation import check_choice, check_positive
 
@@ -30,7 +31,7 @@ def parse_teachers(teachers: dict[str, str] | list[str] | None) -> dict[str, str
 
 
 @dataclass
-class FlowOPDConfig(DanceGRPOConfig):
+class FlowOPDConfig(ManifoldAnchorArguments, DanceGRPOConfig):
     r"""
     Configuration of [`FlowOPDTrainer`] (Flow-OPD, "On-Policy Distillation for Flow Matching Models",
     https://huggingface.co/papers/2605.08063; docs/algorithms.md#opd, docs/opd.md).
