@@ -5,6 +5,7 @@ input, with the test that exercises it, is in docs/troubleshooting.md."""
 import dataclasses
 import logging
 import sys
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,16 @@ def test_eval_dataset_without_prompt_column(tmp_path):
         FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
                        train_dataset=train_prompts(16),
                        eval_dataset=Dataset.from_dict({"text": ["a photo of a circle"]}))
+
+
+def test_an_eval_dataset_that_training_would_never_evaluate_warns(tmp_path):
+    with pytest.warns(UserWarning, match="eval_strategy is 'no'.*Set eval_strategy='steps'"):
+        FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
+                       train_dataset=train_prompts(16), eval_dataset=train_prompts(2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*eval_strategy is 'no'")
+        FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path / "steps", eval_strategy="steps", eval_steps=1),
+                       reward_funcs="shapes", train_dataset=train_prompts(16), eval_dataset=train_prompts(2))
 
 
 def test_norm_guard_on_a_trainer_without_it(tmp_path):

@@ -43,6 +43,7 @@ from .outputs import prepare_output_dir
 from .policies import Policies
 from .rollout_buffer import RepeatSampler, RolloutCounter, split_rollout
 from .utils import eval_mode, soft_update_decay
+from .validation import check_datasets
 
 
 class _WeightEMAUpdate(TrainerCallback):
@@ -99,13 +100,7 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
                 f"`args` must be a {self.config_class.__name__}, got {type(args).__name__}. flow_trl's signature is "
                 f"{type(self).__name__}(model, args=..., reward_funcs=[...], ...): pass reward functions by keyword."
             )
-        if train_dataset is not None and "prompt" not in train_dataset.column_names:
-            raise ValueError(
-                f"The training dataset needs a 'prompt' column; its columns are {train_dataset.column_names}. "
-                "Rename your text column with `dataset.rename_column(old, 'prompt')`."
-            )
-        if eval_dataset is not None and "prompt" not in eval_dataset.column_names:
-            raise ValueError(f"The eval dataset needs a 'prompt' column; its columns are {eval_dataset.column_names}.")
+        check_datasets(args, train_dataset, eval_dataset)
         check_regularizers(type(self), args)
         set_seed(args.seed)
 
