@@ -71,7 +71,7 @@ def config(cls, tmp_path, **overrides):
         (FlowNFTConfig, {"num_inference_steps": 1}, "num_inference_steps must be at least 2"),
         (FlowNFTConfig, {"beta": -0.1}, "beta must be >= 0"),
         (FlowNFTConfig, {"norm_guard_coef": -1.0}, "norm_guard_coef must be >= 0"),
-        (FlowNFTConfig, {"mar_coef": -1.0}, "mar_coef must be >= 0"),
+        (FlowOPDConfig, {"mar_coef": -1.0}, "mar_coef must be >= 0"),
         (FlowNFTConfig, {"advantage_clip": 0.0}, "advantage_clip must be positive"),
         (FlowNFTConfig, {"num_iterations": 0}, "num_iterations must be >= 1"),
         (FlowNFTConfig, {"full_finetune_params": "linear", "lora_export_rank": 0},

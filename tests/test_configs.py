@@ -77,7 +77,7 @@ def test_advantage_scale_is_independent_of_advantage_clip(tmp_path):
     ("cls", "overrides", "match"),
     [
         (FlowNFTConfig, {"beta": float("nan")}, "beta must be >= 0; got nan"),
-        (FlowNFTConfig, {"mar_coef": float("nan")}, "mar_coef must be >= 0; got nan"),
+        (FlowOPDConfig, {"mar_coef": float("nan")}, "mar_coef must be >= 0; got nan"),
         (FlowAWMConfig, {"ema_kl_coef": float("nan")}, "ema_kl_coef must be >= 0; got nan"),
         (FlowNFTConfig, {"slas_gamma": float("nan")}, "slas_gamma must be >= 0; got nan"),
         (FlowNFTConfig, {"guidance_scale": 0.0}, "guidance_scale must be positive; got 0.0"),

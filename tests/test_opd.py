@@ -1,6 +1,7 @@
 """FlowOPDTrainer: the per-step KL against a hand formula, routing, the teacher's conditioning, the modes, MAR, the
 merge cold start and the errors."""
 
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from flow_trl import (
 )
 from flow_trl.lora import read_lora
 from flow_trl.toy import shapes_dataset
+from flow_trl.trainer.base_config import ManifoldAnchorArguments
 from flow_trl.trainer.opd_trainer import constant_group_mask, opd_advantages
 from flow_trl.trainer.transitions import transition_kl
 
@@ -192,8 +194,12 @@ def test_mar_composes_with_a_velocity_trainer(tmp_path):
     class MARNFTTrainer(ManifoldAnchorMixin, FlowNFTTrainer):
         pass
 
+    @dataclasses.dataclass
+    class MARNFTConfig(ManifoldAnchorArguments, FlowNFTConfig):
+        pass
+
     kwargs = {k: v for k, v in TINY.items() if k != "timestep_fraction"}
-    args = FlowNFTConfig(output_dir=str(tmp_path / "nft"), mar_coef=0.5, **kwargs)
+    args = MARNFTConfig(output_dir=str(tmp_path / "nft"), mar_coef=0.5, **kwargs)
     with pytest.raises(ValueError, match="ManifoldAnchorMixin"):
         FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=dataset(), peft_config=LoraConfig(r=4))
     trainer = MARNFTTrainer(

@@ -12,7 +12,7 @@ from peft import LoraConfig
 
 from flow_trl import DanceGRPOConfig, DanceGRPOTrainer, FlowAWMConfig, FlowAWMTrainer, FlowNFTConfig, FlowNFTTrainer
 from flow_trl.toy import shapes_dataset
-from flow_trl.trainer.checkpointing import POLICY_STATE_FILE, TRAINER_RECORD_FILE
+from flow_trl.trainer.outputs import POLICY_STATE_FILE, TRAINER_RECORD_FILE
 
 
 TINY = dict(TINY_RUN, num_inference_steps=3, learning_rate=1e-2, disable_tqdm=True)

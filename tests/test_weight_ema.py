@@ -3,8 +3,8 @@ training untouched, and resume."""
 
 import pytest
 import torch
-from helpers import redness
-from test_trainer import MODEL, StopAt, lora, prompts, tiny_config
+from helpers import MODEL, redness, tiny_lora, train_prompts
+from test_trainer import StopAt, nft_config
 from torch import nn
 from transformers import TrainerCallback
 
@@ -58,12 +58,12 @@ class RecordWeights(TrainerCallback):
 
 
 def train_recording(tmp_path, name, **overrides):
-    args = tiny_config(tmp_path, output_dir=str(tmp_path / name), max_steps=4, eval_strategy="steps", eval_steps=2,
+    args = nft_config(tmp_path, output_dir=str(tmp_path / name), max_steps=4, eval_strategy="steps", eval_steps=2,
                        num_images_to_log=0, per_device_eval_batch_size=4, **overrides)
     ref = []
     recorder = RecordWeights(ref)
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=prompts(),
-                             eval_dataset=shapes_dataset("test").select(range(4)), peft_config=lora(),
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs=redness, train_dataset=train_prompts(16),
+                             eval_dataset=shapes_dataset("test").select(range(4)), peft_config=tiny_lora(),
                              callbacks=[recorder])
     ref.append(trainer)
     initial = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if ".default." in n}
@@ -95,10 +95,10 @@ def test_training_is_unchanged_and_the_model_ends_as_the_ema(tmp_path):
 
 def test_resume_continues_the_ema(tmp_path):
     def run(out, stop_at=None, resume=None):
-        args = tiny_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2,
+        args = nft_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2,
                            weight_ema_decay=0.9)
-        trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(),
-                                 peft_config=lora(), callbacks=[StopAt(stop_at)] if stop_at else None)
+        trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                                 peft_config=tiny_lora(), callbacks=[StopAt(stop_at)] if stop_at else None)
         trainer.train(resume_from_checkpoint=resume)
         return {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if "lora_" in n}
 
@@ -111,10 +111,12 @@ def test_resume_continues_the_ema(tmp_path):
 
 def test_resuming_with_an_ema_from_a_checkpoint_without_one_fails_clearly(tmp_path):
     out = tmp_path / "plain"
-    args = tiny_config(tmp_path, output_dir=str(out), max_steps=2, save_strategy="steps", save_steps=2)
-    FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(), peft_config=lora()).train()
-    args = tiny_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="no", weight_ema_decay=0.9)
-    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=prompts(), peft_config=lora())
+    args = nft_config(tmp_path, output_dir=str(out), max_steps=2, save_strategy="steps", save_steps=2)
+    FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                   peft_config=tiny_lora()).train()
+    args = nft_config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="no", weight_ema_decay=0.9)
+    trainer = FlowNFTTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(16),
+                             peft_config=tiny_lora())
     with pytest.raises(FileNotFoundError, match="weight_ema_decay=0"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
 
@@ -123,4 +125,4 @@ def test_resuming_with_an_ema_from_a_checkpoint_without_one_fails_clearly(tmp_pa
                                        {"weight_ema_decay": 0.9, "weight_ema_update_interval": 0}])
 def test_invalid_ema_settings_fail_clearly(tmp_path, overrides):
     with pytest.raises(ValueError, match="weight_ema"):
-        tiny_config(tmp_path, **overrides)
+        nft_config(tmp_path, **overrides)

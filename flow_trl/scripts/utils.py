@@ -380,6 +380,8 @@ def build_trainer(trainer_class, script_args: ScriptArguments, training_args):
     from ..toy import SHAPES_PIPELINE_DIR
 
     train_ds, eval_ds = load_prompt_datasets(script_args)
+    if training_args.eval_strategy == "no":  # the held-out prompts serve only the shapes world's before/after report
+        eval_ds = None
     with quiet_loading():
         return trainer_class(
             model=script_args.model or str(SHAPES_PIPELINE_DIR),

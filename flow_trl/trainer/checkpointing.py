@@ -18,13 +18,13 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .base_config import FlowRLConfig
-from .outputs import remove_stale_weights
-
-
-POLICY_STATE_FILE = "flow_trl_policies.safetensors"
-ALGORITHM_STATE_FILE = "flow_trl_state.json"  # what an algorithm adapts during training (e.g. SLAS gamma)
-WEIGHT_EMA_FILE = "flow_trl_weight_ema.safetensors"
-TRAINER_RECORD_FILE = "flow_trl_trainer.json"  # which trainer wrote a checkpoint, and its rollout count
+from .outputs import (
+    ALGORITHM_STATE_FILE,
+    POLICY_STATE_FILE,
+    TRAINER_RECORD_FILE,
+    WEIGHT_EMA_FILE,
+    remove_stale_weights,
+)
 
 
 class CheckpointMixin:

@@ -25,6 +25,11 @@ logger = logging.get_logger(__name__)
 TRANSFORMER_FOLDER = "transformer"
 TRAINING_ARGS_NAME = "training_args.bin"
 TRAINER_STATE_NAME = "trainer_state.json"
+# flow_trl's own files in a checkpoint, beside what `Trainer` writes
+POLICY_STATE_FILE = "flow_trl_policies.safetensors"
+ALGORITHM_STATE_FILE = "flow_trl_state.json"  # what an algorithm adapts during training (e.g. SLAS gamma)
+WEIGHT_EMA_FILE = "flow_trl_weight_ema.safetensors"
+TRAINER_RECORD_FILE = "flow_trl_trainer.json"  # which trainer wrote a checkpoint, and its rollout count
 # written by a run at its end: `save_model`, `save_state`, the model card and its grid, the CLI's held-out report
 RUN_FILES = (LORA_WEIGHTS_NAME, TRAINING_ARGS_NAME, TRAINER_STATE_NAME, SAMPLE_GRID_NAME, "shapes_eval.json",
              "samples_after.png")
@@ -110,7 +115,6 @@ def validate_checkpoint_dir(checkpoint: str | os.PathLike | bool, trainer) -> st
         FileNotFoundError: the path does not exist, `True` finds no checkpoint, or files are missing (all named).
         NotADirectoryError: the path is a file.
     """
-    from .checkpointing import POLICY_STATE_FILE, WEIGHT_EMA_FILE
 
     if checkpoint is True:
         output_dir = trainer.args.output_dir
