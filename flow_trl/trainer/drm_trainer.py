@@ -23,9 +23,7 @@ from ..models import cat_conditioning, get_adapter, load_pipeline
 from ..preference import LATENT_COLUMNS, encode_preference_dataset
 from ..timesteps import noise_latents
 from .drm_config import DRMConfig
-
-
-TRAINABLE_STATE_FILE = "drm_trainable.safetensors"
+from .policies import TrainedModule
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -64,25 +62,6 @@ def accuracy_by_bucket(
                 correct[mask].float().mean().item()
             )
     return out
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every LoRA layer merged into its base weight (keys as without LoRA)."""
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                delta = module.get_delta_weight(adapter)
-                key = f"{name}.base_layer.weight"
-                deltas[key] = deltas[key] + delta if key in deltas else delta
-    state = {}
-    for key, value in model.state_dict().items():
-        if "lora_" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = (value + deltas[key].to(value.dtype)) if key in deltas else value
-    return state
 
 
 class DRMTrainer(Trainer):
@@ -147,16 +126,11 @@ class DRMTrainer(Trainer):
             drm = reward_model
         else:
             drm = DiffusionRewardModel.from_pretrained(reward_model)
-        self.is_lora = peft_config is not None
-        if self.is_lora:
+        if peft_config is not None:
             peft_config = with_default_targets(
                 peft_config, self.adapter.default_lora_target_modules, drm.unused_lora_modules()
             )
-            drm.requires_grad_(False)
-            drm.add_adapter(peft_config)
-            for name, param in drm.named_parameters():
-                if name.startswith("head_"):
-                    param.requires_grad_(True)
+        self.trained = TrainedModule(drm, peft_config, always_trained=("head_",))  # the new head is always trained
         self.resolution = args.resolution or self.adapter.default_resolution
         train_dataset, eval_dataset = (
             self._encode(d) if d is not None else None for d in (train_dataset, eval_dataset)
@@ -270,12 +244,7 @@ class DRMTrainer(Trainer):
     @property
     def reward_model(self) -> DiffusionRewardModel:
         """The DRM with any LoRA merged, as a plain [`DiffusionRewardModel`] (a new module when LoRA is used)."""
-        drm = self.accelerator.unwrap_model(self.model)
-        if not self.is_lora:
-            return drm
-        merged = DiffusionRewardModel.from_config(drm.config).to(drm.dtype)
-        merged.load_state_dict(merged_state_dict(drm))
-        return merged.to(drm.device)
+        return self.trained.merged(self.accelerator.unwrap_model(self.model))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """`save_pretrained` of the (merged) DRM; with LoRA also the trainable weights, for resuming."""
@@ -283,13 +252,7 @@ class DRMTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.reward_model.save_pretrained(output_dir)
-        if self.is_lora:
-            from safetensors.torch import save_file
-
-            drm = self.accelerator.unwrap_model(self.model)
-            trainable = {n: p.detach().contiguous() for n, p in drm.named_parameters() if p.requires_grad}
-            save_file(trainable, os.path.join(output_dir, TRAINABLE_STATE_FILE))
+        self.trained.save(output_dir, self.accelerator.unwrap_model(self.model))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def create_model_card(
@@ -356,24 +319,13 @@ class DRMTrainer(Trainer):
         card.save(os.path.join(output_dir, "README.md"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from safetensors.torch import load_file
-
-        drm = self.accelerator.unwrap_model(self.model)
-        if self.is_lora:
-            missing = drm.load_state_dict(
-                load_file(os.path.join(resume_from_checkpoint, TRAINABLE_STATE_FILE)), strict=False
-            )
-            if missing.unexpected_keys:
-                raise ValueError(f"Checkpoint has unexpected keys: {missing.unexpected_keys[:5]}")
-        else:
-            drm.load_state_dict(DiffusionRewardModel.from_pretrained(resume_from_checkpoint).state_dict())
+        self.trained.load(resume_from_checkpoint)
 
 
 __all__ = [
     "DRMTrainer",
     "accuracy_by_bucket",
     "bradley_terry_loss",
-    "merged_state_dict",
     "pairwise_correct",
     "thurstone_loss",
 ]

@@ -32,6 +32,7 @@ from .utils import eval_mode
 
 TRAINED = "default"  # the trained policy (the peft adapter name diffusers saves and loads)
 REFERENCE = "ref"  # the base model
+TRAINABLE_STATE_FILE = "trainable_weights.safetensors"  # a `TrainedModule`'s LoRA and always-trained weights
 _TRAINER_MARK = "_flow_trl_trainer"  # set on a pipeline's transformer by the trainer that prepared it for training
 
 
@@ -247,4 +248,76 @@ def _set_full_finetune_params(transformer: nn.Module, which: str) -> None:
             module.weight.requires_grad_(True)
 
 
-__all__ = ["REFERENCE", "TRAINED", "Policies"]
+class TrainedModule:
+    """The weights trained on one module that is not a policy (e.g. the DRM): a LoRA, plus the parameters
+    `always_trained` names by prefix (e.g. a new head), or, without a `peft_config`, every parameter.
+
+    `merged()` is the module a user loads (the LoRA folded into the base weights); `save` and `load` write and read it
+    with what resuming needs beyond it.
+    """
+
+    def __init__(self, module: nn.Module, peft_config=None, always_trained: tuple[str, ...] = ()):
+        self.module, self.is_lora = module, peft_config is not None
+        if self.is_lora:
+            module.requires_grad_(False)
+            module.add_adapter(peft_config)
+            for name, param in module.named_parameters():
+                if name.startswith(always_trained):
+                    param.requires_grad_(True)
+
+    def merged(self, module: nn.Module | None = None) -> nn.Module:
+        """`module` (default: the trained one, e.g. a DDP-unwrapped view of it) as a plain module: itself without a
+        LoRA, else a new module of its class with the LoRA merged into the base weights."""
+        module = module if module is not None else self.module
+        if not self.is_lora:
+            return module
+        merged = type(module).from_config(module.config).to(module.dtype)
+        merged.load_state_dict(merged_state_dict(module))
+        return merged.to(module.device)
+
+    def save(self, output_dir: str, module: nn.Module | None = None) -> None:
+        """`save_pretrained` of the merged module, and with a LoRA its trainable weights (`TRAINABLE_STATE_FILE`),
+        which resuming needs: the merged weights cannot be split back into base and LoRA."""
+        self.merged(module).save_pretrained(output_dir)
+        if self.is_lora:
+            from safetensors.torch import save_file
+
+            trainable = {n: p.detach().contiguous() for n, p in self.module.named_parameters() if p.requires_grad}
+            save_file(trainable, os.path.join(output_dir, TRAINABLE_STATE_FILE))
+
+    def load(self, folder: str) -> None:
+        """Restore what `save` wrote to `folder` (a checkpoint) into the trained module."""
+        if not self.is_lora:
+            self.module.load_state_dict(type(self.module).from_pretrained(folder).state_dict())
+            return
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, TRAINABLE_STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: {folder} was not saved by a LoRA run; resume without a "
+                                    "peft_config, or from a checkpoint of this run.")
+        result = self.module.load_state_dict(load_file(path), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"Checkpoint has unexpected keys: {result.unexpected_keys[:5]}")
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every LoRA layer merged into its base weight (keys as without LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                delta = module.get_delta_weight(adapter)
+                key = f"{name}.base_layer.weight"
+                deltas[key] = deltas[key] + delta if key in deltas else delta
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = (value + deltas[key].to(value.dtype)) if key in deltas else value
+    return state
+
+
+__all__ = ["REFERENCE", "TRAINED", "Policies", "TrainedModule", "merged_state_dict"]
