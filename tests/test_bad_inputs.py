@@ -141,13 +141,15 @@ def test_eval_dataset_without_prompt_column(tmp_path):
 
 
 def test_an_eval_dataset_that_training_would_never_evaluate_warns(tmp_path):
+    trainer = FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
+                             train_dataset=train_prompts(16), eval_dataset=train_prompts(2))
     with pytest.warns(UserWarning, match="eval_strategy is 'no'.*Set eval_strategy='steps'"):
-        FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path), reward_funcs="shapes",
-                       train_dataset=train_prompts(16), eval_dataset=train_prompts(2))
-    with warnings.catch_warnings():
+        trainer.train()
+    with warnings.catch_warnings():  # evaluating by hand, or evaluating during training, is what the dataset is for
         warnings.filterwarnings("error", message=".*eval_strategy is 'no'")
+        trainer.evaluate()
         FlowNFTTrainer(MODEL, args=config(FlowNFTConfig, tmp_path / "steps", eval_strategy="steps", eval_steps=1),
-                       reward_funcs="shapes", train_dataset=train_prompts(16), eval_dataset=train_prompts(2))
+                       reward_funcs="shapes", train_dataset=train_prompts(16), eval_dataset=train_prompts(2)).train()
 
 
 def test_norm_guard_on_a_trainer_without_it(tmp_path):
@@ -368,7 +370,8 @@ def test_resume_from_a_folder_without_the_policy_state(tmp_path):
                              train_dataset=train_prompts(16), peft_config=tiny_lora())
     folder = tmp_path / "exported"
     trainer.save_model(str(folder))  # a final export, not a checkpoint: no old-policy state
-    with pytest.raises(FileNotFoundError, match="flow_trl_policies.safetensors is missing: this checkpoint cannot"):
+    with pytest.raises(FileNotFoundError, match="flow_trl_policies.safetensors is missing: this checkpoint cannot"), \
+            pytest.warns(UserWarning, match="has no flow_trl_trainer.json"):  # a folder, not a checkpoint
         trainer.train(resume_from_checkpoint=str(folder))
 
 
@@ -379,7 +382,8 @@ def test_resume_from_a_lora_of_other_targets(tmp_path):
     folder.mkdir()
     save_file({"transformer.proj_out.lora_A.weight": torch.zeros(4, 8)},
               str(folder / "pytorch_lora_weights.safetensors"))
-    with pytest.raises(ValueError, match="Checkpoint LoRA has unexpected keys"):
+    with pytest.raises(ValueError, match="Checkpoint LoRA has unexpected keys"), \
+            pytest.warns(UserWarning, match="has no flow_trl_trainer.json"):
         trainer.train(resume_from_checkpoint=str(folder))
 
 

@@ -53,7 +53,8 @@ def test_push_to_hub_uploads_a_loadable_adapter_and_a_model_card(tmp_path, fake_
     args = FlowNFTConfig(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_generations=2, num_inference_steps=4,
         max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", guidance_scale=1.0,
-        per_device_eval_batch_size=4, push_to_hub=True, hub_model_id="me/shapes-nft", hub_token=SECRET,
+        per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=2, push_to_hub=True,
+        hub_model_id="me/shapes-nft", hub_token=SECRET,
     )
     trainer = FlowNFTTrainer(
         pipe, args=args, reward_funcs="shapes", train_dataset=shapes_dataset("train").select(range(8)),

@@ -43,7 +43,7 @@ from .outputs import prepare_output_dir
 from .policies import Policies
 from .rollout_buffer import RepeatSampler, RolloutCounter, split_rollout
 from .utils import eval_mode, soft_update_decay
-from .validation import check_datasets
+from .validation import check_datasets, warn_if_never_evaluated
 
 
 class _WeightEMAUpdate(TrainerCallback):
@@ -100,7 +100,7 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
                 f"`args` must be a {self.config_class.__name__}, got {type(args).__name__}. flow_trl's signature is "
                 f"{type(self).__name__}(model, args=..., reward_funcs=[...], ...): pass reward functions by keyword."
             )
-        check_datasets(args, train_dataset, eval_dataset)
+        check_datasets(train_dataset, eval_dataset)
         check_regularizers(type(self), args)
         set_seed(args.seed)
 
@@ -546,6 +546,7 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         same trainer, continues the run that is there. With `weight_ema_decay`, the model holds the weight EMA
         afterwards (what `save_model` then writes).
         """
+        warn_if_never_evaluated(self.args, self.eval_dataset)
         if self._prepared_output_dir != self.args.output_dir:
             prepare_output_dir(self.args.output_dir, resume=bool(resume_from_checkpoint),
                                overwrite=self.args.overwrite_output_dir, clear=self.args.should_save)

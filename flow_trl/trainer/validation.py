@@ -29,18 +29,20 @@ def check_non_negative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0; got {value}.")
 
 
-def check_datasets(args: Any, train_dataset: Any, eval_dataset: Any) -> None:
-    """Refuse prompt datasets without a `prompt` column; warn when an `eval_dataset` would never be evaluated."""
+def check_datasets(train_dataset: Any, eval_dataset: Any) -> None:
+    """Refuse prompt datasets without a `prompt` column."""
     if train_dataset is not None and "prompt" not in train_dataset.column_names:
         raise ValueError(
             f"The training dataset needs a 'prompt' column; its columns are {train_dataset.column_names}. "
             "Rename your text column with `dataset.rename_column(old, 'prompt')`."
         )
-    if eval_dataset is None:
-        return
-    if "prompt" not in eval_dataset.column_names:
+    if eval_dataset is not None and "prompt" not in eval_dataset.column_names:
         raise ValueError(f"The eval dataset needs a 'prompt' column; its columns are {eval_dataset.column_names}.")
-    if args.eval_strategy == "no":
+
+
+def warn_if_never_evaluated(args: Any, eval_dataset: Any) -> None:
+    """Warn when training is about to start with an `eval_dataset` that `eval_strategy="no"` never evaluates."""
+    if eval_dataset is not None and args.eval_strategy == "no":
         warnings.warn(
             "An eval_dataset was given but eval_strategy is 'no' (transformers' default), so training never "
             "evaluates it; only explicit trainer.evaluate() calls do. Set eval_strategy='steps' and eval_steps to "
