@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..cli import UsageError, exit_on_usage_error
-from .utils import check_lora_paths, check_pipeline_dir, check_positive, quiet_loading, quiet_start
+from .utils import check_at_least, check_lora_paths, check_pipeline_dir, quiet_loading, quiet_start
 
 
 def make_parser(prog: str = "flow-trl diagnose") -> argparse.ArgumentParser:
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> dict:
     from ..diagnostics import plot_norm_profiles, plot_sensitivity
     from ..toy import evaluation_rows, load_shapes_pipeline
 
-    check_positive("--num_per_family", args.num_per_family)
-    check_positive("--sensitivity_samples", args.sensitivity_samples)
+    check_at_least("--num_per_family", args.num_per_family)
+    check_at_least("--sensitivity_samples", args.sensitivity_samples)
     if min(args.steps) < 1:
         raise UsageError(f"--steps must all be at least 1; got {args.steps}.")
     check_pipeline_dir(args.model)

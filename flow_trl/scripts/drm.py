@@ -24,7 +24,7 @@ from .utils import (
     ScriptArguments,
     TrainerScript,
     build_peft_config,
-    check_positive,
+    check_at_least,
     check_resume_checkpoint,
     quiet_loading,
     resume_argument,
@@ -133,9 +133,9 @@ def check_script_args(script_args: DRMScriptArguments) -> None:
     if script_args.model is not None and script_args.dataset_name is None:
         raise UsageError("--model needs a preference dataset: pass --dataset_name (prompt, chosen, rejected).")
     if script_args.dataset_name is None:
-        check_positive("--num_samples", script_args.num_samples, minimum=2)  # a pair needs two samples
+        check_at_least("--num_samples", script_args.num_samples, minimum=2)  # a pair needs two samples
         if script_args.max_prompts is not None:
-            check_positive("--max_prompts", script_args.max_prompts)
+            check_at_least("--max_prompts", script_args.max_prompts)
     elif script_args.max_prompts is not None:
         raise UsageError("--max_prompts limits the shapes world's sampled prompts; with --dataset_name, select the "
                          "rows of your dataset instead.")

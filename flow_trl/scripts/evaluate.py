@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..cli import exit_on_usage_error
-from .utils import check_lora_paths, check_pipeline_dir, check_positive, quiet_loading, quiet_start
+from .utils import check_at_least, check_lora_paths, check_pipeline_dir, quiet_loading, quiet_start
 
 
 def make_parser(prog: str = "flow-trl evaluate") -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def print_table(metrics: dict[str, float]) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Load the pipeline (and LoRA), evaluate it, write ``metrics.json`` and ``grid.png``."""
-    check_positive("--num_per_family", args.num_per_family)
+    check_at_least("--num_per_family", args.num_per_family)
     check_pipeline_dir(args.model)
     check_lora_paths([args.lora] if args.lora else [])
     import torch

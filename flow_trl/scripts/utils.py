@@ -245,7 +245,8 @@ def quiet_loading():
     return quiet()
 
 
-def check_positive(flag: str, value: int, minimum: int = 1) -> None:
+def check_at_least(flag: str, value: int, minimum: int = 1) -> None:
+    """A command-line count must be at least `minimum`: a one-line `UsageError` otherwise."""
     if value < minimum:
         raise UsageError(f"{flag} must be at least {minimum}; got {value}.")
 
