@@ -37,7 +37,7 @@ def velocity_norm_ratio(v: Tensor, v_ref: Tensor) -> Tensor:
     return (_squared_norms(v) / _squared_norms(v_ref.detach()).clamp_min(_EPS)).sqrt()
 
 
-def norm_guard(v: Tensor, v_ref: Tensor, coef: float) -> tuple[Tensor, dict[str, float]]:
+def norm_guard(v: Tensor, v_ref: Tensor, coef: float) -> tuple[Tensor, dict[str, Tensor]]:
     """NormGuard: a one-sided hinge on the policy's velocity norm above the reference's (docs/algorithms.md#normguard).
 
     ``R = coef * mean_b max(0, (|v_b|^2 - |v_ref,b|^2) / |v_ref,b|^2)`` with ``|.|^2`` the squared L2 norm of one
@@ -55,8 +55,9 @@ def norm_guard(v: Tensor, v_ref: Tensor, coef: float) -> tuple[Tensor, dict[str,
         coef (`float`): lambda, the regularization strength (the paper uses 1.0 for NFT/DPO, 0.01 for AWM).
 
     Returns:
-        `tuple[Tensor, dict[str, float]]`: the scalar loss and `"norm_guard/loss"`, `"norm_guard/active_frac"`
-        (fraction of samples with ``|v| > |v_ref|``) and `"velocity_norm_ratio"` (mean of ``|v| / |v_ref|``).
+        `tuple[Tensor, dict[str, Tensor]]`: the scalar loss and `"norm_guard/loss"`, `"norm_guard/active_frac"`
+        (fraction of samples with ``|v| > |v_ref|``) and `"velocity_norm_ratio"` (mean of ``|v| / |v_ref|``), as
+        detached 0-d tensors (read when logged, not per call).
     """
     _check_shapes(v, v_ref)
     if coef < 0:
@@ -66,14 +67,14 @@ def norm_guard(v: Tensor, v_ref: Tensor, coef: float) -> tuple[Tensor, dict[str,
     loss = coef * torch.relu((norm - norm_ref) / norm_ref).mean()  # relu: zero gradient also at the boundary
     norm_value = norm.detach()
     metrics = {
-        "norm_guard/loss": loss.item(),
-        "norm_guard/active_frac": (norm_value > norm_ref).float().mean().item(),
-        "velocity_norm_ratio": (norm_value / norm_ref).sqrt().mean().item(),
+        "norm_guard/loss": loss.detach(),
+        "norm_guard/active_frac": (norm_value > norm_ref).float().mean(),
+        "velocity_norm_ratio": (norm_value / norm_ref).sqrt().mean(),
     }
     return loss, metrics
 
 
-def velocity_kl(v: Tensor, v_ref: Tensor, beta: float) -> tuple[Tensor, dict[str, float]]:
+def velocity_kl(v: Tensor, v_ref: Tensor, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Velocity-space KL to the reference: ``beta * mean_b mean_dims (v - v_ref)^2``.
 
     The KL between two Gaussian step policies with the same std is proportional to the squared difference of their
@@ -85,8 +86,9 @@ def velocity_kl(v: Tensor, v_ref: Tensor, beta: float) -> tuple[Tensor, dict[str
         beta (`float`): KL coefficient.
 
     Returns:
-        `tuple[Tensor, dict[str, float]]`: the scalar loss and `"kl"` (the unscaled mean squared difference).
+        `tuple[Tensor, dict[str, Tensor]]`: the scalar loss and `"kl"` (the unscaled mean squared difference, a
+        detached 0-d tensor).
     """
     _check_shapes(v, v_ref)
     kl = (v.float() - v_ref.detach().float()).pow(2).flatten(1).mean(dim=1).mean()
-    return beta * kl, {"kl": kl.item()}
+    return beta * kl, {"kl": kl.detach()}

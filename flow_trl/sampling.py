@@ -166,6 +166,7 @@ def step(
     sigma_max: float | None = None,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
+    check_sigmas: bool = True,
 ) -> StepOutput:
     """One transition ``x_sigma -> x_sigma_next``: Euler (`"ode"`) or a Gaussian policy step with its log-prob.
 
@@ -199,6 +200,9 @@ def step(
         prev_sample (`Tensor`, *optional*): replay mode: no noise is drawn; the log-prob of this next latent is
             returned and `prev_sample` itself is returned unchanged.
         generator (`torch.Generator`, *optional*): source of the fp32 noise (drawn on its device, then moved).
+        check_sigmas (`bool`, defaults to `True`): check the values of `sigma` and `sigma_next` (in [0, 1], not
+            increasing, a positive std). Each check reads device tensors on the host, a synchronisation: callers that
+            step along a grid they validated once (`rollout`, a trainer replaying its own grid) pass `False`.
 
     Returns:
         [`StepOutput`]
@@ -214,9 +218,9 @@ def step(
         )
     sigma = _per_sample(sigma, latents, "sigma")
     sigma_next = _per_sample(sigma_next, latents, "sigma_next")
-    if ((sigma < 0) | (sigma > 1) | (sigma_next < 0) | (sigma_next > 1)).any():
+    if check_sigmas and ((sigma < 0) | (sigma > 1) | (sigma_next < 0) | (sigma_next > 1)).any():
         raise ValueError("sigma and sigma_next must lie in [0, 1] (sigma = 1 is noise, 0 is data).")
-    if (sigma_next > sigma).any():
+    if check_sigmas and (sigma_next > sigma).any():
         raise ValueError("sigma_next must not exceed sigma: sampling goes from noise (sigma = 1) to data (sigma = 0).")
     x = latents.float()
     v = velocity.float()
@@ -227,13 +231,13 @@ def step(
         out = mean.to(latents.dtype) if prev_sample is None else prev_sample
         return StepOutput(prev_sample=out, log_prob=None, mean=mean, std=torch.zeros_like(sigma))
 
-    if (sigma_next == 0).any():
+    if check_sigmas and (sigma_next == 0).any():
         raise ValueError(
             f"A {step_type!r} step to sigma_next == 0 is deterministic in the limit; never take a log-prob of a "
             "deterministic step: make the final transition an ODE step (leave it out of sde_steps)."
         )
     if step_type == "flow_sde":
-        if (sigma == 1).any():
+        if check_sigmas and (sigma == 1).any():
             if sigma_max is None:
                 raise ValueError("flow_sde at sigma == 1 divides by 1 - sigma: pass sigma_max (the 2nd grid sigma).")
             if not 0 <= sigma_max < 1:
@@ -245,7 +249,7 @@ def step(
         std = noise_level * torch.sqrt(sigma - sigma_next)
     else:  # cps
         std = sigma_next * math.sin(noise_level * math.pi / 2)
-    if not (std > 0).all():
+    if check_sigmas and not (std > 0).all():
         raise ValueError(
             f"The {step_type!r} step has zero std (noise_level={noise_level}, or sigma_next == sigma); never take a "
             "log-prob of a deterministic step: use step_type='ode' or a positive noise_level."
@@ -304,7 +308,8 @@ def rollout(
     sigmas = torch.as_tensor(sigmas).to(device=latents.device, dtype=torch.float32)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 values; got shape {tuple(sigmas.shape)}.")
-    if sigmas[0] > 1 or sigmas[-1] != 0 or not (sigmas[1:] < sigmas[:-1]).all():
+    grid = sigmas.tolist()  # the rollout's only read of device values: the steps below trust the checked grid
+    if grid[0] > 1 or grid[-1] != 0 or any(b >= a for a, b in zip(grid, grid[1:])):
         raise ValueError("sigmas must be strictly decreasing from at most 1 to exactly 0 (e.g. from sigma_grid).")
     num_steps = len(sigmas) - 1
     if sde_steps is None:
@@ -321,7 +326,7 @@ def rollout(
         )
 
     batch = latents.shape[0]
-    sigma_max = float(sigmas[1])
+    sigma_max = grid[1]
     x = latents
     before, after, log_probs = [], [], []
     with torch.no_grad():
@@ -329,7 +334,7 @@ def rollout(
             v = velocity_fn(x, sigmas[j].expand(batch))
             stochastic = j in sde_steps
             out = step(step_type if stochastic else "ode", x, v, sigmas[j], sigmas[j + 1], noise_level,
-                       sigma_max=sigma_max, generator=generator)
+                       sigma_max=sigma_max, generator=generator, check_sigmas=False)
             if stochastic:
                 before.append(x)
                 after.append(out.prev_sample)

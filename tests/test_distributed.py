@@ -22,16 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_two_processes(out: Path, *engine: str, **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of tests/scripts/two_process_nft.py on 2 processes with the `engine` flags."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(ROOT / "tests" / "scripts" / "two_process_nft.py"), str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           **env}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_process")
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(ROOT / "tests" / "scripts" / "two_process_nft.py"), str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_processes(out, "--multi_gpu")
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{k}.json").read_text()) for k in range(2)]
 
@@ -71,3 +77,44 @@ def test_evaluation_scores_each_prompt_once_and_gathers_the_mean(records):
     assert len(scored) == 6  # split between the processes, each row once
     assert {len(sum((c["prompts"] for c in r["eval_calls"]), [])) for r in records} == {3}
     assert records[0]["eval_reward"] == records[1]["eval_reward"] == pytest.approx(sum(rewards) / 6)
+
+
+def test_fsdp_on_cpu_processes_is_refused_instead_of_training_unsharded(tmp_path):
+    """accelerate shards with FSDP only on accelerators: on CPU processes its state falls back to DDP (gloo) without a
+    word, so a CPU FSDP run cannot exist (examples/accelerate_configs/fsdp.yaml is checked on GPUs by
+    benchmarks/check_gpu_engines.py). The launch fails on both processes, before any model is loaded."""
+    result = launch_two_processes(
+        tmp_path, "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", "JointTransformerBlock", CUDA_VISIBLE_DEVICES="",
+    )
+    assert result.returncode != 0
+    message = "accelerate was launched with FSDP (ACCELERATE_USE_FSDP=true), but this run has no accelerator"
+    assert result.stderr.count(message) >= 2, result.stderr[-4000:]
+    assert "accelerate launch --multi_gpu --num_processes N" in result.stderr
+    assert not list(tmp_path.glob("rank*.json"))
+
+
+def test_loss_chunks_reach_the_accumulation_boundary_once(tmp_path, monkeypatch):
+    """Under DeepSpeed, whose `backward` steps the optimizer at an accumulation boundary, a micro-batch of 3 loss
+    chunks backpropagates the first two off the boundary and only the last on it, without DeepSpeed's own
+    accumulation scaling (the loss is already divided, as transformers' Trainer does)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from helpers import MODEL, redness, tiny_config, tiny_lora, train_prompts
+
+    from flow_trl import DanceGRPOConfig, DanceGRPOTrainer
+
+    trainer = DanceGRPOTrainer(MODEL, args=tiny_config(DanceGRPOConfig, tmp_path, timestep_fraction=0.99),
+                               reward_funcs=redness, train_dataset=train_prompts(4), peft_config=tiny_lora())
+    calls = []
+
+    def backward(loss, **kwargs):
+        calls.append((trainer.accelerator.gradient_state.sync_gradients, kwargs))
+        loss.backward()
+
+    monkeypatch.setattr(trainer.accelerator, "backward", backward)
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    trainer.training_step(trainer.model, next(iter(trainer.get_train_dataloader())))
+    assert [sync for sync, _ in calls] == [False, False, True]  # 3 of the 4 steps' transitions are recorded
+    assert all(kwargs == {"scale_wrt_gas": False} for _, kwargs in calls)
+    assert trainer.accelerator.gradient_state.sync_gradients  # restored for the optimizer step

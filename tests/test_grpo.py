@@ -167,3 +167,36 @@ def test_timestep_fraction_counts_the_sampling_steps_as_flow_grpo(tmp_path):
         steps = trainer._prepare_training_inputs(inputs, torch.Generator().manual_seed(0))["train_steps"]
         assert steps.shape == (4, expected)
         assert all(len(set(row.tolist())) == expected for row in steps)  # distinct transitions per sample
+
+
+def test_sde_window_rollouts_are_stochastic_only_inside_the_window(tmp_path):
+    """Flow-GRPO-Fast: with `sde_window_size=2` in `[1, 4)` of 6 steps, each rollout's window is two consecutive
+    steps starting at 1 or 2 (both drawn), the rollout records exactly those transitions, and training picks among
+    them. (`sampling.rollout` itself is tested to be ODE outside `sde_steps`.)"""
+    args = grpo_config(tmp_path, num_inference_steps=6, sde_window_size=2, sde_window_range=[1, 4],
+                       timestep_fraction=0.99)
+    trainer = DanceGRPOTrainer(MODEL, args=args, reward_funcs="shapes", train_dataset=train_prompts(8),
+                               peft_config=LoraConfig(r=4))
+    starts = set()
+    for seed in range(8):
+        steps = trainer._rollout_sde_steps(torch.Generator().manual_seed(seed))
+        assert len(steps) == 2 and steps[1] == steps[0] + 1 and 1 <= steps[0] <= 2
+        starts.add(steps[0])
+    assert starts == {1, 2}
+
+    rows = [{"prompt": p} for p in train_prompts(2)["prompt"] for _ in range(2)]
+    trainer._rollout_sde_steps = lambda generator: [2, 3]
+    inputs = trainer._generate_and_score(rows)
+    assert inputs["step_indices"][0].tolist() == [2, 3]
+    assert inputs["log_probs"].shape == (4, 2) and inputs["train_steps"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(sde_window_size=3, sde_window_range=[0, 2]), "must fit"),
+    (dict(sde_window_size=2, sde_window_range=[2, 4]), "must fit"),  # end 4 reaches the last step of 4
+    (dict(sde_window_range=[0, 2]), "needs sde_window_size"),
+    (dict(sde_window_size=0), "sde_window_size"),
+])
+def test_sde_window_config_errors(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(DanceGRPOConfig, tmp_path, **bad)

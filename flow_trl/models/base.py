@@ -11,6 +11,8 @@ family. Latents are whatever tensor the family's transformer consumes (``[B, C, 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -45,6 +47,49 @@ def cat_conditioning(conds: list[Conditioning]) -> Conditioning:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
+@contextmanager
+def onloaded(modules: Sequence[nn.Module], device: torch.device | str, offload: bool = True) -> Iterator[None]:
+    """Run the body with `modules` on `device`, then move them back to the CPU; with ``offload=False``, leave them
+    where they are.
+
+    The round trip of diffusers' `enable_model_cpu_offload`, for the frozen modules a trainer only calls now and
+    then (text encoders, VAE, reward models) while the trained transformer stays on the accelerator: their memory
+    there is free between calls, for one host-device copy of their weights per call. Moving does not change a
+    module's values, so results are the same either way.
+    """
+    if not offload:
+        yield
+        return
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+
+
+def dtype_reader(module: nn.Module) -> Callable[[], torch.dtype]:
+    """A constant-time reader of `module.dtype` as diffusers defines it: the compute dtype of a layerwise-casting
+    hook, else the dtype of the first floating-point parameter outside `_keep_in_fp32_modules`.
+
+    Diffusers' `dtype` walks every module on each read; the reader locates the deciding weight once and reads it by
+    its owner module and name, so it follows later casts (`module.to(dtype)`) and wrappers such as LoRA layers.
+    """
+    for submodule in module.modules():
+        registry = getattr(submodule, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        if hook is not None:
+            return lambda: hook.compute_dtype
+    keep_in_fp32 = getattr(module, "_keep_in_fp32_modules", None) or ()
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and not any(m in name for m in keep_in_fp32):
+            owner_name, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            return lambda: getattr(owner, attribute).dtype
+    return lambda: module.dtype
+
+
 class FlowModelAdapter:
     """Base class of the per-family adapters; see `flow_trl.models.sd3.SD3Adapter` for a complete one.
 
@@ -65,10 +110,22 @@ class FlowModelAdapter:
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length()
         self.decode_batch_size = decode_batch_size
+        # (transformer, reader) of `transformer_dtype`
+        self._transformer_dtype_reader: tuple[nn.Module, Callable[[], torch.dtype]] | None = None
 
     @property
     def transformer(self) -> nn.Module:
         return self.pipe.transformer
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        """The transformer's dtype (what its inputs are cast to), in constant time on every forward (`dtype_reader`,
+        located again if the pipeline's transformer is replaced)."""
+        transformer = self.transformer
+        cached = self._transformer_dtype_reader
+        if cached is None or cached[0] is not transformer:
+            cached = self._transformer_dtype_reader = (transformer, dtype_reader(transformer))
+        return cached[1]()
 
     @property
     def scheduler_shift(self) -> float:
@@ -97,6 +154,19 @@ class FlowModelAdapter:
     def frozen_modules(self) -> list[nn.Module]:
         """Every module other than the transformer (text encoders, VAE): frozen and in eval mode."""
         raise NotImplementedError
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The frozen modules `encode_prompts` runs: every one but the VAE."""
+        vae = getattr(self.pipe, "vae", None)
+        return [module for module in self.frozen_modules() if module is not vae]
+
+    def release_text_encoders(self) -> None:
+        """Drop the pipeline's text encoders (its attributes become `None`), so their memory is freed unless
+        something else holds them; `encode_prompts` cannot run afterwards."""
+        encoders = self.text_encoders()
+        for name, component in list(self.pipe.components.items()):
+            if any(component is encoder for encoder in encoders):
+                setattr(self.pipe, name, None)
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Conditioning for each prompt (batch = len(prompts)), without gradient."""

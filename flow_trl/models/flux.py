@@ -45,7 +45,7 @@ class FluxAdapter(PackedLatentAdapter):
         guidance: float = 1.0,
     ) -> torch.Tensor:
         """Velocity at ``sigma`` with `guidance` embedded (FLUX.1-dev; ignored by models without the embedding)."""
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         batch, device = latents.shape[0], latents.device
         side = self.token_grid(latents)
         embeds = cond["prompt_embeds"].to(dtype)

@@ -44,7 +44,7 @@ class Flux2KleinAdapter(PackedLatentAdapter):
         return compute_empirical_mu((h // 2) * (w // 2), num_inference_steps)
 
     def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         embeds = cond["prompt_embeds"].to(dtype)
         side = self.token_grid(latents)
         grid = latents.new_empty((latents.shape[0], 1, side, side))  # only its shape is read

@@ -96,7 +96,7 @@ class PackedLatentAdapter(FlowModelAdapter):
 
     def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The transformer's `timestep` input: sigma itself (it multiplies by 1000 inside)."""
-        return sigma.float().to(self.transformer.dtype)
+        return sigma.float().to(self.transformer_dtype)
 
     # ---- latents -----------------------------------------------------------------------------------------------
 

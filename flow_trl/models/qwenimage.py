@@ -49,7 +49,7 @@ class QwenImageAdapter(PackedLatentAdapter):
         }
 
     def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         side = self.token_grid(latents)
         return transformer(
             hidden_states=latents.to(dtype),

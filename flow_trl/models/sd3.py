@@ -49,7 +49,7 @@ class SD3Adapter(FlowModelAdapter):
         return {"prompt_embeds": prompt_embeds, "pooled_projections": pooled}
 
     def predict(self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
-        dtype = self.transformer.dtype
+        dtype = self.transformer_dtype
         return transformer(
             hidden_states=latents.to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),

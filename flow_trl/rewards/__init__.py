@@ -25,18 +25,47 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .base import RewardModel
-from .clip_based import AestheticScore, CLIPScore, PickScore
-from .compression import JPEGCompressibility, JPEGIncompressibility
-from .detection import DetectorReward
-from .hpsv2 import HPSv2
-from .ocr import OCRReward
-from .remote import RemoteReward
+
+
+if TYPE_CHECKING:
+    from .clip_based import AestheticScore, CLIPScore, PickScore
+    from .compression import JPEGCompressibility, JPEGIncompressibility
+    from .detection import DetectorReward
+    from .hpsv2 import HPSv2
+    from .ocr import OCRReward
+    from .remote import RemoteReward
+
+# The reward-model classes by family module, imported on first use like the registry's entries: training with other
+# rewards imports none of the families.
+_LAZY = {
+    "AestheticScore": "clip_based",
+    "CLIPScore": "clip_based",
+    "PickScore": "clip_based",
+    "JPEGCompressibility": "compression",
+    "JPEGIncompressibility": "compression",
+    "DetectorReward": "detection",
+    "HPSv2": "hpsv2",
+    "OCRReward": "ocr",
+    "RemoteReward": "remote",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 RewardFunc = Callable[..., Any]
@@ -94,6 +123,8 @@ def resolve_reward_funcs(reward_funcs: RewardFunc | str | Sequence[RewardFunc | 
         elif isinstance(func, str) and func in BUILTIN_REWARDS:
             resolved.append(BUILTIN_REWARDS[func].load())
         elif isinstance(func, str) and func.startswith(("http://", "https://")):
+            from .remote import RemoteReward
+
             resolved.append(RemoteReward(func))
         elif isinstance(func, str) and "." in func:
             module_name, _, attr = func.rpartition(".")

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -92,6 +93,12 @@ class RewardModel:
     def _score(self, prompts: list[str], images: torch.Tensor, **columns: list[Any]) -> torch.Tensor | list:
         """Score one chunk: ``images`` is ``[b, 3, H, W]`` in [0, 1] on CPU; returns ``b`` values (None abstains)."""
         raise NotImplementedError
+
+    def modules(self) -> list[nn.Module]:
+        """The torch modules of the loaded model (its `nn.Module` attributes): what a trainer's
+        `offload_reward_models` keeps on the CPU between scorings. Subclasses that hold their model otherwise
+        override it."""
+        return [value for value in vars(self).values() if isinstance(value, nn.Module)]
 
     def load(self) -> RewardModel:
         """Load the model now instead of on the first call; returns self."""

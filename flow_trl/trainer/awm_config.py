@@ -38,10 +38,12 @@ class FlowAWMConfig(NormGuardArguments, FlowRLConfig):
         Training sigmas per micro-batch (shared by its samples): `"discrete_wo_init"` (GenEval/OCR), `"discrete"`
         (PickScore), `"logit_normal"` or `"uniform"`; see `flow_trl.timesteps`.
     num_train_timesteps (`int`, defaults to `6`):
-        Training sigmas per sample (one backward pass each).
+        Training sigmas per sample (one backward pass each): a loss chunk of one trained forward plus those of
+        `ema_kl_coef` and `beta`.
     ema_kl_coef (`float`, defaults to `1.0`):
         Coefficient of the velocity KL to the EMA adapter, `mean (v_theta - v_ema)^2` (a trust region around a
-        lagged copy of the policy). `0` drops the term and its forward.
+        lagged copy of the policy). Above 0 it adds one forward of the EMA adapter per loss chunk; `0` drops the term
+        and its forward.
     ema_decay_schedule (`str`, defaults to `"linear"`):
         Soft update of the EMA adapter before each rollout, `ema <- d ema + (1 - d) theta`: `"linear"`
         (`d = min(0.001 step, ema_max_decay)`), `"delayed"` or `"none"` (`d = 0`).
@@ -50,7 +52,7 @@ class FlowAWMConfig(NormGuardArguments, FlowRLConfig):
 
     > [!NOTE]
     > Defaults that differ from [`FlowRLConfig`], following the reference's GenEval config: `beta=1e-3` (velocity KL
-    > to the base model; 1e-4 for PickScore),
+    > to the base model; 1e-4 for PickScore; one reference forward per loss chunk),
     > `scale_rewards="batch"` (global std), `disable_dropout=True` (the likelihood ratio compares the training
     > forward with the sampling policy's). The reference samples with a stochastic SA-Solver (noise 0.4 for
     > GenEval); here any `sde_type` works and the default is the Euler ODE. The reference trains one optimizer
@@ -58,7 +60,11 @@ class FlowAWMConfig(NormGuardArguments, FlowRLConfig):
     > with AWM. As in [`FlowRLConfig`], rollouts and training are CFG-free (`guidance_scale=1.0`).
     """
 
-    beta: float = field(default=1e-3, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
+    beta: float = field(
+        default=1e-3,
+        metadata={"help": "Velocity KL coefficient to the reference (base) model; > 0 adds one reference forward per "
+                  "loss chunk."},
+    )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Zero every dropout of the policy so the likelihood ratio starts at 1."}
     )
@@ -78,9 +84,12 @@ class FlowAWMConfig(NormGuardArguments, FlowRLConfig):
         default="discrete_wo_init",
         metadata={"help": "Training sigmas: 'discrete_wo_init', 'discrete', 'logit_normal' or 'uniform'."},
     )
-    num_train_timesteps: int = field(default=6, metadata={"help": "Training sigmas per sample."})
+    num_train_timesteps: int = field(
+        default=6, metadata={"help": "Training sigmas per sample (one loss chunk, forward and backward, each)."}
+    )
     ema_kl_coef: float = field(
-        default=1.0, metadata={"help": "Velocity KL coefficient to the EMA adapter (0: off)."}
+        default=1.0,
+        metadata={"help": "Velocity KL coefficient to the EMA adapter (0: off; > 0 adds one EMA forward per chunk)."},
     )
     ema_decay_schedule: str = field(
         default="linear", metadata={"help": "EMA adapter soft-update schedule: 'linear', 'delayed' or 'none'."}

@@ -42,7 +42,7 @@ def awm_loss(
     power: float = 0.25,
     clip_range: float = 1.0,
     old_log_likelihood: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """AWM's policy loss (docs/algorithms.md#awm), a pure function.
 
     ``mse = mean_dims (v_theta - target)^2`` in fp64, ``l = flow_matching_log_likelihood(mse, ...)``;
@@ -68,10 +68,10 @@ def awm_loss(
     clipped = -a * ratio.clamp(1 - clip_range, 1 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean().float()
     metrics = {
-        "awm/mse": mse.detach().mean().item(),
-        "awm/log_likelihood": log_likelihood.detach().mean().item(),
-        "awm/ratio": ratio.detach().mean().item(),
-        "awm/clip_frac": ((ratio.detach() - 1).abs() > clip_range).double().mean().item(),
+        "awm/mse": mse.detach().mean(),
+        "awm/log_likelihood": log_likelihood.detach().mean(),
+        "awm/ratio": ratio.detach().mean(),
+        "awm/clip_frac": ((ratio.detach() - 1).abs() > clip_range).double().mean(),
     }
     return loss, metrics
 

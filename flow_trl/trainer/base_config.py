@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from transformers import TrainingArguments
 from transformers.utils import logging
 
@@ -25,6 +26,29 @@ SCALE_REWARDS = ("group", "batch", "none")
 def accelerator_available() -> bool:
     """Whether torch sees an accelerator (CUDA, MPS, XPU...): the default of `dataloader_pin_memory`."""
     return torch.accelerator.is_available()
+
+
+SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def check_engine_has_accelerator(use_cpu: bool) -> None:
+    """Refuse an FSDP or DeepSpeed launch that would run on CPU processes.
+
+    accelerate only shards with FSDP or DeepSpeed on accelerators: on CPU processes (`use_cpu`, or no accelerator)
+    it falls back to DDP (gloo) without a word, so every process would hold the whole model and optimizer.
+    """
+    if not use_cpu and accelerator_available():
+        return
+    for variable, engine in SHARDING_ENGINES.items():
+        if parse_flag_from_env(variable):
+            raise ValueError(
+                f"accelerate was launched with {engine} ({variable}=true), but this run has no accelerator "
+                f"({'use_cpu=True' if use_cpu else 'torch sees no GPU'}); accelerate does not shard on CPU processes "
+                "and would silently train with DDP instead. Run on GPUs, or launch CPU processes with "
+                "`accelerate launch --multi_gpu --num_processes N` (DDP)."
+            )
+
+
 FULL_FINETUNE_PARAMS = ("all", "linear")
 
 
@@ -37,12 +61,15 @@ class NormGuardArguments:
     DanceGRPOConfig)`.
 
     norm_guard_coef (`float`, defaults to `0.0`):
-        Coefficient of the NormGuard hinge on velocity norms above the reference's (docs/algorithms.md#normguard);
-        0 disables it and skips the reference forward it needs.
+        Coefficient of the NormGuard hinge on velocity norms above the reference's (docs/algorithms.md#normguard).
+        Above 0 it needs one reference forward per trained timestep (shared with `beta`'s KL); 0 disables it and
+        skips that forward.
     """
 
     norm_guard_coef: float = field(
-        default=0.0, metadata={"help": "NormGuard hinge coefficient on velocity norms above the reference's."}
+        default=0.0,
+        metadata={"help": "NormGuard hinge coefficient on velocity norms above the reference's; > 0 adds one "
+                  "reference forward per trained timestep (shared with beta's KL)."},
     )
 
 
@@ -54,13 +81,17 @@ class ManifoldAnchorArguments:
 
     mar_coef (`float`, defaults to `0.0`):
         Coefficient of the KL of the policy to a task-agnostic anchor at every trained step, in the trainer's KL form
-        (SDE-mean for SDE trainers, velocity otherwise; docs/algorithms.md#mar). 0 disables it.
+        (SDE-mean for SDE trainers, velocity otherwise; docs/algorithms.md#mar). Above 0 it adds one anchor forward
+        per trained step (with the base model as anchor, the reference forward, shared with `beta`'s KL). 0 disables
+        it.
     mar_adapter (`str`, *optional*):
         The anchor: a diffusers-format LoRA (folder, file or Hub id) on the same base; unset: the base model.
     """
 
     mar_coef: float = field(
-        default=0.0, metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (0: off)."}
+        default=0.0,
+        metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (0: off; > 0 adds one anchor "
+                  "forward per trained step)."},
     )
     mar_adapter: str | None = field(
         default=None, metadata={"help": "MAR anchor LoRA (folder, file or Hub id); unset: the base model."}
@@ -101,6 +132,30 @@ class FlowRLConfig(TrainingArguments):
         which biases likelihood ratios. On by default in the likelihood-ratio trainers (GRPO family, OPD, AWM), as in
         TRL's `GRPOConfig`.
 
+    > Parameters that control memory (each one off by default; none changes results)
+
+    offload_text_encoders (`bool`, defaults to `False`):
+        Keep the text encoders on the CPU and move them to the accelerator only while they encode (each rollout's
+        prompts, each evaluation batch), as diffusers' `enable_model_cpu_offload` does around a pipeline call. Frees
+        their accelerator memory for training (SD3.5: CLIP-L, CLIP-G and T5-XXL, about 11 GB in bf16) for one
+        host-device copy of their weights per encoding. Nothing to free on a CPU-only run.
+    cache_prompt_embeddings (`bool`, defaults to `False`):
+        Encode every distinct prompt of `train_dataset` and `eval_dataset` once when the trainer is built, keep the
+        embeddings on the CPU, and release the text encoders (the pipeline's text encoder attributes become `None`,
+        so their memory is freed unless something else holds them). Rollouts and evaluation look prompts up
+        instead of encoding them; a prompt outside those datasets is refused. Costs host memory per prompt (SD3
+        with `max_sequence_length=256`: 333 x 4096 values, 2.7 MB in bf16), so it suits prompt sets of up to a few
+        thousand; for larger ones use `offload_text_encoders`. Exclusive with `offload_text_encoders`.
+    offload_vae (`bool`, defaults to `False`):
+        Keep the VAE on the CPU and move it to the accelerator only while it decodes (each rollout, evaluation and
+        sample grid). Frees its memory (SD3.5 and FLUX.1: about 0.2 GB in bf16, plus its cached kernels) for one
+        copy per decode.
+    offload_reward_models (`bool`, defaults to `False`):
+        Keep the reward models (the `torch.nn.Module`s of `flow_trl.rewards.RewardModel` reward functions, see
+        `RewardModel.modules`) on the CPU and move each to its `device` only while it scores. Loads them when the
+        trainer is built. Refused when no reward function holds such a module (plain functions and remote rewards
+        have nothing to move).
+
     > Parameters that control generation (rollouts)
 
     num_generations (`int`, defaults to `8`):
@@ -119,7 +174,8 @@ class FlowRLConfig(TrainingArguments):
         Sampling steps of a rollout (and of evaluation).
     guidance_scale (`float`, defaults to `1.0`):
         Classifier-free guidance scale in rollouts, training forwards and evaluation (`1.0` = no CFG, the default of
-        every flow_trl trainer; Flow-GRPO samples SD3.5 with 4.5).
+        every flow_trl trainer; Flow-GRPO samples SD3.5 with 4.5). Any other value doubles the batch of every
+        transformer forward (conditional and unconditional halves).
     sde_type (`str`, defaults to `"ode"`):
         Step function of rollouts, one of `flow_trl.sampling.STEP_TYPES`: `"ode"` (Euler), `"flow_sde"` (Flow-GRPO),
         `"dance_sde"` (DanceGRPO) or `"cps"` (coefficients-preserving). The GRPO family needs a stochastic one.
@@ -148,9 +204,11 @@ class FlowRLConfig(TrainingArguments):
 
     beta (`float`, defaults to `0.0`):
         Coefficient of the velocity-space KL to the reference model (the base model: LoRA adapters disabled).
+        Above 0 it adds one reference forward (no backward) per trained timestep; 0 adds none.
     diagnostics_every_log (`bool`, defaults to `True`):
         On logging steps, run the reference forward even when no loss term needs it, to log
-        `velocity_norm_ratio` (the norm-inflation diagnostic). Costs one forward per trained timestep on those steps.
+        `velocity_norm_ratio` (the norm-inflation diagnostic). Costs one reference forward (no backward) per trained
+        timestep on those steps only, and nothing when a KL or regularizer runs the reference anyway.
 
     > Parameters that control evaluation and logging
 
@@ -226,6 +284,28 @@ class FlowRLConfig(TrainingArguments):
                   "the training forward matches the sampling one (on in the likelihood-ratio trainers)."},
     )
 
+    # memory
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "Keep the text encoders on the CPU, moving them to the accelerator only to encode prompts "
+                  "(frees their memory; one host-device copy per encoding)."},
+    )
+    cache_prompt_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Encode every prompt of train_dataset and eval_dataset once, keep the embeddings on the CPU "
+                  "and release the text encoders (other prompts are refused). Exclusive with "
+                  "offload_text_encoders."},
+    )
+    offload_vae: bool = field(
+        default=False,
+        metadata={"help": "Keep the VAE on the CPU, moving it to the accelerator only to decode."},
+    )
+    offload_reward_models: bool = field(
+        default=False,
+        metadata={"help": "Keep RewardModel reward functions' torch modules on the CPU, moving each to its device "
+                  "only to score (loaded when the trainer is built)."},
+    )
+
     # generation
     num_generations: int = field(default=8, metadata={"help": "Images per prompt (group size), at least 2."})
     generation_batch_size: int | None = field(
@@ -238,7 +318,9 @@ class FlowRLConfig(TrainingArguments):
     resolution: int | None = field(default=None, metadata={"help": "Image size in pixels; the pipeline's if unset."})
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of rollouts and evaluation."})
     guidance_scale: float = field(
-        default=1.0, metadata={"help": "CFG scale in rollouts, training and evaluation (1.0: no CFG)."}
+        default=1.0,
+        metadata={"help": "CFG scale in rollouts, training and evaluation (1.0: no CFG; any other value doubles "
+                  "every forward's batch)."},
     )
     sde_type: str = field(
         default="ode", metadata={"help": "Rollout step function: 'ode', 'flow_sde', 'dance_sde' or 'cps'."}
@@ -267,9 +349,15 @@ class FlowRLConfig(TrainingArguments):
     )
 
     # regularization and diagnostics
-    beta: float = field(default=0.0, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "Velocity KL coefficient to the reference (base) model; > 0 adds one reference forward per "
+                  "trained timestep."},
+    )
     diagnostics_every_log: bool = field(
-        default=True, metadata={"help": "Run the reference forward on logging steps to log velocity_norm_ratio."}
+        default=True,
+        metadata={"help": "Run the reference forward on logging steps to log velocity_norm_ratio (one forward per "
+                  "trained timestep on those steps only)."},
     )
 
     # evaluation and logging
@@ -296,6 +384,7 @@ class FlowRLConfig(TrainingArguments):
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     def __post_init__(self):
+        check_engine_has_accelerator(self.use_cpu)
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             # `accelerate launch --multi_gpu --num_processes N` on a machine without accelerators: train on CPU
             # processes (gloo) instead of N copies of a single-process run
@@ -345,6 +434,11 @@ class FlowRLConfig(TrainingArguments):
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1; got {self.num_iterations}.")
         check_choice("full_finetune_params", self.full_finetune_params, FULL_FINETUNE_PARAMS)
+        if self.cache_prompt_embeddings and self.offload_text_encoders:
+            raise ValueError(
+                "cache_prompt_embeddings releases the text encoders, so offload_text_encoders has nothing to move. "
+                "Set one of them: cache_prompt_embeddings for a fixed prompt set, offload_text_encoders otherwise."
+            )
         if self.lora_export_rank is not None:
             if self.lora_export_rank < 1:
                 raise ValueError(f"lora_export_rank must be at least 1 (or None); got {self.lora_export_rank}.")

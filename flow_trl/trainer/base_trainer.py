@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
-from trl.trainer.utils import disable_dropout_in_model
 
 from ..advantages import advantage_stats, clip_advantages, group_advantages, reward_stats, slas_advantages
-from ..models import get_adapter, index_conditioning, load_pipeline
+from ..models import Conditioning, cat_conditioning, get_adapter, index_conditioning, load_pipeline
+from ..models.base import onloaded
 from ..regularizers import velocity_kl, velocity_norm_ratio
-from ..rewards import compute_rewards, resolve_reward_funcs, reward_func_names, weighted_reward
+from ..rewards import RewardModel, compute_rewards, resolve_reward_funcs, reward_func_names, weighted_reward
 from ..sampling import rollout
 from .base_config import FlowRLConfig
 from .callbacks import use_diffusers_callbacks
@@ -44,6 +45,35 @@ from .policies import Policies
 from .rollout_buffer import RepeatSampler, RolloutCounter, split_rollout
 from .utils import eval_mode, soft_update_decay
 from .validation import check_datasets, warn_if_never_evaluated
+
+
+class PromptEmbeddingCache:
+    """The conditioning of a fixed prompt set, encoded once and kept on the CPU (`cache_prompt_embeddings`).
+
+    Args:
+        encode (`Callable`): prompts -> conditioning (the model adapter's `encode_prompts`).
+        prompts (`list[str]`): the distinct prompts to encode.
+        batch_size (`int`): prompts encoded per call.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], Conditioning], prompts: list[str], batch_size: int):
+        self.rows = {prompt: i for i, prompt in enumerate(prompts)}
+        self.cond = cat_conditioning([
+            {key: value.cpu() for key, value in encode(prompts[i : i + batch_size]).items()}
+            for i in range(0, len(prompts), batch_size)
+        ])
+
+    def lookup(self, prompts: list[str], device: torch.device) -> Conditioning:
+        """The cached conditioning of `prompts` (one row each), on `device`."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.rows))
+        if missing:
+            raise ValueError(
+                f"No cached embedding for {len(missing)} prompt(s), e.g. {missing[0]!r}: cache_prompt_embeddings "
+                "encoded only the prompts of train_dataset and eval_dataset before releasing the text encoders. "
+                "Add these prompts to one of those datasets, or set cache_prompt_embeddings=False."
+            )
+        index = torch.tensor([self.rows[p] for p in prompts])
+        return {key: value.to(device) for key, value in index_conditioning(self.cond, index).items()}
 
 
 class _WeightEMAUpdate(TrainerCallback):
@@ -127,6 +157,8 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
             module.requires_grad_(False).eval()
         self._prepared_output_dir: str | None = None  # the output_dir `train` has checked (see `prepare_output_dir`)
         if args.disable_dropout:
+            from trl.trainer.utils import disable_dropout_in_model  # here: importing trl takes ~0.2 s
+
             disable_dropout_in_model(transformer)
         # diffusers' API, not transformers' activation_checkpointing_enable (`gradient_checkpointing` is the alias
         # transformers < 5.23 knows, `activation_checkpointing` the newer name; both are turned off for `Trainer`)
@@ -153,15 +185,15 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
             self.weight_ema = ParameterEMA(self.transformer, args.weight_ema_decay, args.weight_ema_update_interval)
             self.add_callback(_WeightEMAUpdate(self.weight_ema))
         self.compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        for module in self.adapter.frozen_modules():
-            module.to(self.accelerator.device)
+        self._place_frozen_modules()
         self.policies.to(self.accelerator.device)
         self.sigmas = self.adapter.sigma_grid(args.num_inference_steps, self.resolution, self.resolution)
         # the static shift the pipeline applies at this resolution, for the trainers' training-timestep draws
         self.sigma_shift = self.adapter.sigma_shift(self.resolution, self.resolution, args.num_inference_steps)
+        self._prompt_cache = self._cache_prompt_embeddings() if args.cache_prompt_embeddings else None
         self._negative_cond = None
         if args.guidance_scale != 1.0 or self.rollout_guidance_scale != 1.0:
-            self._negative_cond = self.adapter.encode_prompts([""])
+            self._negative_cond = self.encode_prompts([""])
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffered_inputs: list[dict[str, Any]] | None = None
         self._rollouts = RolloutCounter(args.seed)
@@ -256,12 +288,74 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         """This process's generator for the latest rollout (see `RolloutCounter.generator`)."""
         return self._rollouts.generator(self.state.global_step, self.accelerator.process_index, salt)
 
-    def encode_prompts(self, prompts: list[str]):
-        """Encode each distinct prompt once and index the result back to the batch."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encode each distinct prompt once and index the result back to the batch.
+
+        With `cache_prompt_embeddings` the prompts are looked up instead; with `offload_text_encoders` the text
+        encoders are on the accelerator for this call only.
+        """
+        if self._prompt_cache is not None:
+            return self._prompt_cache.lookup(prompts, self.accelerator.device)
         unique = list(dict.fromkeys(prompts))
-        cond = self.adapter.encode_prompts(unique)
+        with onloaded(self.adapter.text_encoders(), self.accelerator.device, self.args.offload_text_encoders):
+            cond = self.adapter.encode_prompts(unique)
         index = torch.tensor([unique.index(p) for p in prompts], device=next(iter(cond.values())).device)
         return index_conditioning(cond, index)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] of `latents` (`adapter.decode`); with `offload_vae` the VAE is on the
+        accelerator for this call only."""
+        with onloaded([self.pipe.vae], self.accelerator.device, self.args.offload_vae):
+            return self.adapter.decode(latents)
+
+    def score(self, prompts: list[str], images: torch.Tensor, columns: dict[str, list[Any]]) -> torch.Tensor:
+        """Every reward function's scores ``[B, num_rewards]`` (`compute_rewards`); with `offload_reward_models`
+        the reward models are on their devices for this call only."""
+        with ExitStack() as stack:
+            for model in self._reward_models():
+                stack.enter_context(onloaded(model.modules(), model.device, self.args.offload_reward_models))
+            return compute_rewards(self.reward_funcs, prompts, images, columns, trainer_state=self.state)
+
+    def _reward_models(self) -> list[RewardModel]:
+        """The reward functions that hold torch modules (what `offload_reward_models` moves)."""
+        return [func for func in self.reward_funcs if isinstance(func, RewardModel) and func.modules()]
+
+    def _place_frozen_modules(self) -> None:
+        """Put the text encoders, the VAE and the reward models where they wait between uses: on the CPU when their
+        memory flag offloads them, else on this process's device (reward models are loaded for it)."""
+        args = self.args
+        encoders = self.adapter.text_encoders()
+        for module in self.adapter.frozen_modules():
+            offloaded = args.offload_text_encoders if any(module is e for e in encoders) else args.offload_vae
+            module.to("cpu" if offloaded else self.accelerator.device)
+        if not args.offload_reward_models:
+            return
+        for func in self.reward_funcs:
+            if isinstance(func, RewardModel):
+                func.load()
+        models = self._reward_models()
+        if not models:
+            raise ValueError(
+                f"offload_reward_models=True, but none of the reward functions ({', '.join(self.reward_func_names)}) "
+                "holds a torch model to move: it applies to flow_trl.rewards.RewardModel rewards such as PickScore "
+                "or HPSv2 (see RewardModel.modules). Set offload_reward_models=False."
+            )
+        for model in models:
+            for module in model.modules():
+                module.to("cpu")
+
+    def _cache_prompt_embeddings(self) -> PromptEmbeddingCache:
+        """Encode the prompts of the datasets (and the empty negative prompt) once, then release the text encoders."""
+        datasets = [d for d in (self.train_dataset, self.eval_dataset) if d is not None]
+        if not datasets:
+            raise ValueError(
+                "cache_prompt_embeddings encodes the prompts of train_dataset and eval_dataset when the trainer is "
+                "built, but neither was given. Pass the datasets, or set cache_prompt_embeddings=False."
+            )
+        prompts = list(dict.fromkeys(["", *(p for d in datasets for p in d["prompt"])]))
+        cache = PromptEmbeddingCache(self.adapter.encode_prompts, prompts, self.args.per_device_eval_batch_size)
+        self.adapter.release_text_encoders()
+        return cache
 
     def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         """Initial latents of a rollout: independent standard normal noise per sample."""
@@ -269,9 +363,10 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generator: torch.Generator, policy: str = "default", step_type="ode",
-               batch_size: int | None = None, guidance_scale: float | None = None):
-        """Roll out `policy` on `prompts` (CFG scale: `guidance_scale` unless given); returns ``(conditioning,
-        Rollout)`` for the whole batch."""
+               batch_size: int | None = None, guidance_scale: float | None = None,
+               sde_steps: list[int] | None = None):
+        """Roll out `policy` on `prompts` (CFG scale: `guidance_scale` unless given; stochastic on `sde_steps`, by
+        default every step but the last for a stochastic `step_type`); returns ``(conditioning, [Rollout])``."""
         cond = self.encode_prompts(prompts)
         noise = self._initial_noise(len(prompts), generator)
         batch_size = batch_size or len(prompts)
@@ -285,9 +380,14 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
                     self.sigmas.to(noise.device),
                     step_type=step_type,
                     noise_level=self.args.noise_level,
+                    sde_steps=sde_steps,
                     generator=generator,
                 ))
         return cond, chunks
+
+    def _rollout_sde_steps(self, generator: torch.Generator) -> list[int] | None:
+        """The stochastic steps of the next rollout: `None` (every step but the last, for a stochastic `sde_type`)."""
+        return None
 
     def _generate_and_score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Roll out the sampling policy on this process's rows, score, and compute group advantages."""
@@ -296,11 +396,12 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         generator = self._rollout_generator()
         cond, chunks = self.sample(prompts, generator, self._sampling_policy, args.sde_type,
                                    batch_size=args.per_device_train_batch_size,
-                                   guidance_scale=self.rollout_guidance_scale)
+                                   guidance_scale=self.rollout_guidance_scale,
+                                   sde_steps=self._rollout_sde_steps(generator))
         latents = torch.cat([c.latents for c in chunks])
-        images = self.adapter.decode(latents)
+        images = self.decode(latents)
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
-        rewards = compute_rewards(self.reward_funcs, prompts, images, columns, trainer_state=self.state)
+        rewards = self.score(prompts, images, columns)
         all_rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
         if self.accelerator.is_main_process:
             self._reward_health.check(all_rewards, self.reward_func_names)
@@ -390,14 +491,34 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         num_chunks = self._num_loss_chunks(inputs)
+        # DeepSpeed scales by the accumulation steps itself unless told not to (transformers' Trainer does the same)
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
         total = torch.zeros((), device=self.accelerator.device)
         for chunk in range(num_chunks):
-            with self.compute_loss_context_manager():
-                loss = self._compute_loss(model, inputs, chunk) / num_chunks
-            self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+            with self._gradient_sync(model, last_chunk=chunk == num_chunks - 1):  # forward too: DDP's no_sync needs it
+                with self.compute_loss_context_manager():
+                    loss = self._compute_loss(model, inputs, chunk) / num_chunks
+                self.accelerator.backward(loss / self.current_gradient_accumulation_steps, **backward_kwargs)
             total += loss.detach()
         self._step += 1
         return total / self.current_gradient_accumulation_steps
+
+    @contextmanager
+    def _gradient_sync(self, model: nn.Module, last_chunk: bool):
+        """Gradients of a micro-batch's loss chunks accumulate locally and are synchronised with the last chunk's
+        backward: DDP skips its all-reduce (`no_sync`), and DeepSpeed, which steps its optimizer inside `backward` at
+        an accumulation boundary, sees the boundary only once."""
+        state = self.accelerator.gradient_state
+        if last_chunk or not state.sync_gradients:  # not a boundary, or the boundary's last backward
+            yield
+            return
+        state._set_sync_gradients(False)
+        try:
+            with self.accelerator.no_sync(model):
+                yield
+        finally:
+            state._set_sync_gradients(True)
 
     def _needs_reference(self) -> bool:
         """Whether this step runs the reference forward: for the KL, for a regularizer, or for diagnostics."""
@@ -412,7 +533,7 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
 
     def _velocity_regularization(self, v: torch.Tensor, v_ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """KL to the reference (`beta`) and the norm-inflation diagnostic; mixins add terms via `super()`."""
-        metrics = {"velocity_norm_ratio": velocity_norm_ratio(v.detach(), v_ref).mean().item()}
+        metrics = {"velocity_norm_ratio": velocity_norm_ratio(v.detach(), v_ref).mean()}
         coef = self._velocity_kl_coef()
         if coef == 0:
             return v.new_zeros(()), metrics
@@ -436,8 +557,12 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         self._log_train_metrics(metrics)
         return loss
 
-    def _log_train_metrics(self, metrics: dict[str, float]) -> None:
-        """Queue per-step training metrics; `log` averages them over the logging interval."""
+    def _log_train_metrics(self, metrics: dict[str, float | torch.Tensor]) -> None:
+        """Queue per-step training metrics; `log` averages them over the logging interval.
+
+        Values may be detached 0-d tensors: they stay on their device until `log` reads them all at once, so a loss
+        chunk never waits for the device.
+        """
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)
 
@@ -483,7 +608,7 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
                 prompts = [r["prompt"] for r in sub]
                 imgs = self.sample_with_seeds(self.model, prompts, idx, sigmas)
                 columns = {key: [r[key] for r in sub] for key in sub[0] if key != "prompt"}
-                scores += compute_rewards(self.reward_funcs, prompts, imgs, columns, trainer_state=self.state).tolist()
+                scores += self.score(prompts, imgs, columns).tolist()
                 images.append(imgs.cpu())
         return torch.tensor(gather_object(scores), dtype=torch.float32), images
 
@@ -500,7 +625,7 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         ])
         with eval_mode(module):
             out = rollout(lambda x, s: self.velocity(module, x, s, cond), noise, sigmas.to(noise.device))
-        return self.adapter.decode(out.latents)
+        return self.decode(out.latents)
 
     def _eval_metrics(self, scores: torch.Tensor, prefix: str, suffix: str) -> dict[str, float]:
         metrics = {}
@@ -527,7 +652,9 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        queued = {k: v for k, v in self._metrics[mode].items() if v}
+        values = iter(to_floats([value for values in queued.values() for value in values]))
+        metrics = {k: sum(next(values) for _ in v) / len(v) for k, v in queued.items()}
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         super().log({**logs, **metrics}, start_time)
@@ -577,6 +704,21 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         if runtime:
             summary["train_runtime_s"] = runtime[-1]
         return summary
+
+def to_floats(values: list[float | torch.Tensor]) -> list[float]:
+    """`values` (numbers and 0-d tensors) as Python floats, read with one device-to-host copy per device instead of
+    one per tensor."""
+    out = list(values)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            by_device[value.device].append(i)
+    for indices in by_device.values():
+        read = torch.stack([values[i].detach().reshape(()) for i in indices]).tolist()
+        for i, value in zip(indices, read):
+            out[i] = value
+    return out
+
 
 def format_training_summary(summary: dict[str, Any]) -> str:
     """A few readable lines of `FlowRLTrainer.training_summary`."""

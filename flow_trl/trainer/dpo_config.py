@@ -29,6 +29,8 @@ class FlowDPOConfig(NormGuardArguments, FlowRLConfig):
         `GRPOConfig`), the coefficient of the velocity KL to the base model.
     num_train_timesteps (`int`, defaults to `4`):
         Sigmas per pair per micro-batch, one backward pass each; winner and loser share each sigma and its noise.
+        Each is a loss chunk of two forwards on winners and losers together: the trained policy's and the DPO
+        reference's (which also serves `beta`'s KL while the reference is the base model).
     timestep_sampler (`str`, defaults to `"logit_normal"`):
         How the training sigmas are drawn (independently per pair): `"logit_normal"` (the reference: logit-normal
         through the scheduler's shift), `"uniform"`, `"discrete"` or `"discrete_wo_init"` (see `flow_trl.timesteps`).
@@ -53,7 +55,11 @@ class FlowDPOConfig(NormGuardArguments, FlowRLConfig):
         default=None, metadata={"help": "Online: images per prompt, one best-vs-worst pair per group (8 if unset)."}
     )
     dpo_beta: float = field(default=100.0, metadata={"help": "DPO temperature on velocity MSEs."})
-    num_train_timesteps: int = field(default=4, metadata={"help": "Shared sigmas per pair per micro-batch."})
+    num_train_timesteps: int = field(
+        default=4,
+        metadata={"help": "Shared sigmas per pair per micro-batch (one loss chunk each: trained and DPO-reference "
+                  "forwards)."},
+    )
     timestep_sampler: str = field(
         default="logit_normal",
         metadata={"help": "Training sigmas: 'logit_normal', 'uniform', 'discrete' or 'discrete_wo_init'."},

@@ -27,7 +27,7 @@ def diffusion_dpo_loss(
     ref_mse_rejected: torch.Tensor,
     beta: float,
     valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO's loss (docs/algorithms.md#dpo), a pure function.
 
     The implicit rewards are ``-0.5 beta (mse - ref_mse)`` for the chosen (winner) and rejected (loser) samples;
@@ -47,8 +47,8 @@ def diffusion_dpo_loss(
     count = weight.sum().clamp(min=1.0)
     loss = (-F.logsigmoid(margins) * weight).sum() / count
 
-    def masked_mean(values: torch.Tensor) -> float:
-        return ((values.detach() * weight).sum() / count).item()
+    def masked_mean(values: torch.Tensor) -> torch.Tensor:
+        return (values.detach() * weight).sum() / count
 
     metrics = {
         "rewards/chosen": masked_mean(chosen),
@@ -207,7 +207,7 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
         mse, ref_mse = flow_matching_mse(v_theta, target), flow_matching_mse(v_ref, target)
         (mse_w, mse_l), (ref_w, ref_l) = mse.chunk(2), ref_mse.chunk(2)
         loss, metrics = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, self.args.dpo_beta, inputs["valid"])
-        metrics.update({"dpo/mse_chosen": mse_w.mean().item(), "dpo/mse_rejected": mse_l.mean().item()})
+        metrics.update({"dpo/mse_chosen": mse_w.detach().mean(), "dpo/mse_rejected": mse_l.detach().mean()})
         base_velocity = v_ref if self._dpo_reference == "ref" else None  # reuse the base forward when it is one
         loss = loss + self.reference_terms(x_t, sigma, cond, v_theta, v_ref=base_velocity)
         self._log_train_metrics(metrics)

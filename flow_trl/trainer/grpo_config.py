@@ -40,7 +40,16 @@ class DanceGRPOConfig(FlowRLConfig):
     timestep_fraction (`float`, defaults to `0.6`):
         Each sample trains on a random `int(num_inference_steps * timestep_fraction)` (at least 1) of its stochastic
         transitions, counted over the sampling steps as Flow-GRPO does; the last transition (to sigma 0) is never
-        stochastic, hence never trained, so 0.99 of 10 steps trains the other 9.
+        stochastic, hence never trained, so 0.99 of 10 steps trains the other 9. Each trained transition is a loss
+        chunk of one forward and backward (plus a reference forward with `beta > 0`).
+    sde_window_size (`int`, *optional*):
+        Flow-GRPO-Fast's SDE window (also MixGRPO's): each rollout is stochastic on only this many consecutive steps
+        and an Euler ODE elsewhere, and only those transitions are recorded and trained (`timestep_fraction` then
+        picks among them). The window's first step is drawn uniformly for each rollout within `sde_window_range`.
+        Unset: every step but the last is stochastic (Flow-GRPO, DanceGRPO).
+    sde_window_range (`list[int]`, *optional*):
+        `[first, end)`: the step indices the window lies within.
+        Unset: every stochastic step, `[0, num_inference_steps - 1)`.
     same_initial_noise (`bool`, defaults to `False`):
         All images of a group start from the same initial noise (DanceGRPO's `init_same_noise`); they then differ
         only by the SDE noise. Needs whole groups on each process (`per_device_train_batch_size *
@@ -69,7 +78,16 @@ class DanceGRPOConfig(FlowRLConfig):
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the per-step log-prob ratio."})
     timestep_fraction: float = field(
         default=0.6,
-        metadata={"help": "Transitions trained per sample: int(num_inference_steps x this), never the last one."},
+        metadata={"help": "Transitions trained per sample: int(num_inference_steps x this), never the last one "
+                  "(one forward and backward each)."},
+    )
+    sde_window_size: int | None = field(
+        default=None,
+        metadata={"help": "Stochastic steps per rollout, consecutive, ODE elsewhere (Flow-GRPO-Fast); unset: all."},
+    )
+    sde_window_range: list[int] | None = field(
+        default=None,
+        metadata={"help": "[first, end) step indices the SDE window lies within; unset: every stochastic step."},
     )
     same_initial_noise: bool = field(
         default=False, metadata={"help": "One initial noise per group (DanceGRPO's init_same_noise)."}
@@ -93,6 +111,7 @@ class DanceGRPOConfig(FlowRLConfig):
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1]; got {self.timestep_fraction}.")
         check_positive("clip_range", self.clip_range)
+        self._check_sde_window()
         if self.slas_target_kl is not None and (self.slas_target_kl <= 0 or self.advantage_shaping != "slas"):
             raise ValueError("slas_target_kl must be positive and needs advantage_shaping='slas'.")
         check_choice("kl_type", self.kl_type, KL_TYPES)
@@ -104,4 +123,29 @@ class DanceGRPOConfig(FlowRLConfig):
                 "same_initial_noise needs whole groups on each process: per_device_train_batch_size x "
                 f"steps_per_generation ({self.per_device_train_batch_size} x {self.steps_per_generation}) must be "
                 f"divisible by num_generations ({self.num_generations})."
+            )
+
+    @property
+    def sde_window_bounds(self) -> tuple[int, int]:
+        """`[first, end)` of the step indices an SDE window may cover (`sde_window_range`, else every step that can be
+        stochastic: all but the last)."""
+        if self.sde_window_range is None:
+            return 0, self.num_inference_steps - 1
+        return self.sde_window_range[0], self.sde_window_range[1]
+
+    def _check_sde_window(self) -> None:
+        if self.sde_window_size is None:
+            if self.sde_window_range is not None:
+                raise ValueError("sde_window_range needs sde_window_size (the window's length); set both or neither.")
+            return
+        check_positive("sde_window_size", self.sde_window_size)
+        if self.sde_window_range is not None and len(self.sde_window_range) != 2:
+            raise ValueError(f"sde_window_range must be two step indices [first, end); got {self.sde_window_range}.")
+        first, end = self.sde_window_bounds
+        last_stochastic = self.num_inference_steps - 1  # the step to sigma 0 is never stochastic
+        if not 0 <= first < end <= last_stochastic or end - first < self.sde_window_size:
+            raise ValueError(
+                f"An SDE window of {self.sde_window_size} steps must fit in sde_window_range [{first}, {end}), which "
+                f"must lie within [0, {last_stochastic}) for num_inference_steps={self.num_inference_steps} (the last "
+                "step, to sigma 0, is always an ODE step). Lower sde_window_size or widen sde_window_range."
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -10,28 +11,28 @@ from torch import nn
 
 from ..advantages import ADVANTAGE_STDS, adapt_slas_gamma, clip_advantages, group_advantages, slas_advantages
 from ..sampling import StepOutput, step
-from .base_trainer import FlowRLTrainer
+from .base_trainer import FlowRLTrainer, to_floats
 from .grpo_config import DanceGRPOConfig
 from .transitions import Transition, transition_kl
 
 
 def grpo_clip_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate on one transition per sample, a pure function.
 
     ``ratio = exp(logp - logp_old)``, ``loss = mean_b max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))``. Metrics:
     ``ratio`` (mean), ``clip_frac`` (fraction with ``|ratio - 1| > eps``) and ``approx_kl``
-    (``mean (logp - logp_old)^2 / 2``, flow_grpo's estimator).
+    (``mean (logp - logp_old)^2 / 2``, flow_grpo's estimator), as detached 0-d tensors (read when logged).
     """
     log_ratio = log_prob.float() - old_log_prob.float().detach()
     ratio = torch.exp(log_ratio)
     a = advantages.float()
     loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     metrics = {
-        "ratio": ratio.detach().mean().item(),
-        "clip_frac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
-        "approx_kl": 0.5 * log_ratio.detach().pow(2).mean().item(),
+        "ratio": ratio.detach().mean(),
+        "clip_frac": ((ratio.detach() - 1).abs() > clip_range).float().mean(),
+        "approx_kl": 0.5 * log_ratio.detach().pow(2).mean(),
     }
     return loss, metrics
 
@@ -66,7 +67,8 @@ class DanceGRPOTrainer(FlowRLTrainer):
     """
 
     config_class = DanceGRPOConfig
-    _approx_kls: tuple[float, ...] = ()  # approx_kl of every loss chunk since the last rollout (for slas_target_kl)
+    # approx_kl of every loss chunk since the last rollout (for slas_target_kl; tensors until read once a rollout)
+    _approx_kls: tuple[float | torch.Tensor, ...] = ()
     _adapted_slas_gamma: float | None = None  # set once slas_target_kl has adapted it
     _tag_names = ["flow-trl", "diffusers", "text-to-image", "grpo"]
     _name = "GRPO"
@@ -97,14 +99,15 @@ class DanceGRPOTrainer(FlowRLTrainer):
         if args.slas_target_kl is None:
             return
         if kls:
-            self._adapted_slas_gamma = adapt_slas_gamma(self.slas_gamma, sum(kls) / len(kls), args.slas_target_kl)
+            mean_kl = sum(to_floats(list(kls))) / len(kls)
+            self._adapted_slas_gamma = adapt_slas_gamma(self.slas_gamma, mean_kl, args.slas_target_kl)
         self._metrics["train"]["slas/gamma"].append(self.slas_gamma)
 
     def _algorithm_state(self) -> dict[str, Any]:
         """The adapted `slas_gamma` and the approx_kls it has not consumed yet (with `slas_target_kl`)."""
         if self.args.slas_target_kl is None:
             return {}
-        return {"slas_gamma": self.slas_gamma, "approx_kls": list(self._approx_kls)}
+        return {"slas_gamma": self.slas_gamma, "approx_kls": to_floats(list(self._approx_kls))}
 
     def _restore_algorithm_state(self, state: dict[str, Any]) -> None:
         if "slas_gamma" in state:
@@ -121,6 +124,16 @@ class DanceGRPOTrainer(FlowRLTrainer):
             advantages = group_advantages(rewards, args.num_generations, args.scale_rewards,
                                           **ADVANTAGE_STDS[args.advantage_std])
         return clip_advantages(advantages, args.advantage_clip)
+
+    def _rollout_sde_steps(self, generator: torch.Generator) -> list[int] | None:
+        """With `sde_window_size`, a window of that many consecutive steps whose start is drawn uniformly within
+        `sde_window_range` (Flow-GRPO-Fast); else every step but the last."""
+        size = self.args.sde_window_size
+        if size is None:
+            return None
+        first, end = self.args.sde_window_bounds
+        start = first + int(torch.randint(end - first - size + 1, (1,), generator=generator))
+        return list(range(start, start + size))
 
     def _initial_noise(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         """With `same_initial_noise`, one noise per group (groups are contiguous and whole on each process)."""
@@ -152,11 +165,17 @@ class DanceGRPOTrainer(FlowRLTrainer):
     def _velocity_kl_coef(self) -> float:
         return self.args.beta if self.args.kl_type == "velocity" else 0.0
 
+    @cached_property
+    def _sigma_max(self) -> float:
+        """The grid's second sigma, `step`'s `sigma_max` (read once, not in every replayed chunk)."""
+        return float(self.sigmas[1])
+
     def replay_step(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
                     sigma_next: torch.Tensor, next_latents: torch.Tensor) -> StepOutput:
-        """The rollout's stochastic step with `velocity`, replayed on the recorded ``x_j -> x_{j+1}``."""
+        """The rollout's stochastic step with `velocity`, replayed on the recorded ``x_j -> x_{j+1}`` (sigmas of the
+        grid every rollout checked, so not checked again here: that would synchronise with the device)."""
         return step(self.args.sde_type, latents, velocity, sigma, sigma_next, self.args.noise_level,
-                    sigma_max=float(self.sigmas[1]), prev_sample=next_latents)
+                    sigma_max=self._sigma_max, prev_sample=next_latents, check_sigmas=False)
 
     def _transition_loss(self, inputs: dict[str, Any], transition: Transition) -> tuple[torch.Tensor, dict]:
         """The policy loss of one chunk: PPO's clipped surrogate with `_transition_advantages`."""
@@ -169,9 +188,9 @@ class DanceGRPOTrainer(FlowRLTrainer):
         rows = torch.arange(len(inputs["log_probs"]), device=inputs["log_probs"].device)
         s = inputs["train_steps"][:, chunk]
         x, x_next = inputs["latents_before"][rows, s], inputs["latents_after"][rows, s]
-        j = inputs["step_indices"][rows.cpu(), s.cpu()]
+        j = inputs["step_indices"].to(x.device)[rows, s]
         sigmas = self.sigmas.to(x.device)
-        sigma, sigma_next = sigmas[j.to(x.device)], sigmas[j.to(x.device) + 1]
+        sigma, sigma_next = sigmas[j], sigmas[j + 1]
         v = self.velocity(model, x, sigma, cond)
         out = self.replay_step(x, v, sigma, sigma_next, x_next)
         transition = Transition(rows, s, x, x_next, sigma, sigma_next, cond, v, out, self.replay_step)
@@ -185,7 +204,7 @@ class DanceGRPOTrainer(FlowRLTrainer):
         if args.beta > 0 and args.kl_type == "sde_mean":
             kl = transition_kl(transition, v_ref).mean()
             loss = loss + args.beta * kl
-            metrics["kl"] = kl.item()
+            metrics["kl"] = kl.detach()
         loss = loss + self.reference_terms(x, sigma, cond, v, v_ref=v_ref, transition=transition)
         self._log_train_metrics(metrics)
         return loss

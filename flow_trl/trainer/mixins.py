@@ -113,5 +113,5 @@ class ManifoldAnchorMixin(RegularizerMixin):
             kl = transition_kl(transition, v_anchor).mean()
         else:
             kl = velocity_kl(v, v_anchor, 1.0)[0]
-        self._log_train_metrics({"mar/kl": kl.item()})
+        self._log_train_metrics({"mar/kl": kl.detach()})
         return loss + self.args.mar_coef * kl

@@ -25,7 +25,8 @@ class FlowNFTConfig(NormGuardArguments, FlowRLConfig):
         0.5, `A >= advantage_scale` gives 1) and multiplies the loss, as the reference does with its advantage clip
         (5). Independent of `advantage_clip`, which clips the advantages beforehand.
     timestep_fraction (`float`, defaults to `0.99`):
-        Each sample trains on `int(num_inference_steps * timestep_fraction)` distinct grid sigmas (9 of 10).
+        Each sample trains on `int(num_inference_steps * timestep_fraction)` distinct grid sigmas (9 of 10), each a
+        loss chunk of two forwards (trained policy with backward, old policy without) plus those of `beta`.
     rollout_guidance_scale (`float`, *optional*):
         CFG scale of the rollouts only; training and evaluation keep `guidance_scale`. NFT learns from final images
         alone, so any sampler may produce them (the reference samples with DPM-Solver-2): with `guidance_scale=1.0`
@@ -38,12 +39,17 @@ class FlowNFTConfig(NormGuardArguments, FlowRLConfig):
 
     > [!NOTE]
     > Defaults that differ from [`FlowRLConfig`], following the reference: `beta=1e-4` (velocity KL to the base
-    > model), `scale_rewards="batch"` (flow_grpo's global std). As in [`FlowRLConfig`], training is CFG-free
+    > model, at the cost of a third forward per loss chunk, the base model's; `beta=0` saves it),
+    > `scale_rewards="batch"` (flow_grpo's global std). As in [`FlowRLConfig`], training is CFG-free
     > (`guidance_scale=1.0`). Rollouts use Euler ODE sampling by default (the reference uses a deterministic
     > DPM-Solver-2; NFT accepts any sampler).
     """
 
-    beta: float = field(default=1e-4, metadata={"help": "Velocity KL coefficient to the reference (base) model."})
+    beta: float = field(
+        default=1e-4,
+        metadata={"help": "Velocity KL coefficient to the reference (base) model (the reference's 1e-4); > 0 adds one "
+                  "reference forward per loss chunk to NFT's two."},
+    )
     scale_rewards: str = field(
         default="batch", metadata={"help": "Advantage std: 'batch' (global std, NFT's default), 'group' or 'none'."}
     )
@@ -54,7 +60,8 @@ class FlowNFTConfig(NormGuardArguments, FlowRLConfig):
         default=5.0, metadata={"help": "r = clip(A / advantage_scale / 2 + 0.5, 0, 1); also multiplies the loss."}
     )
     timestep_fraction: float = field(
-        default=0.99, metadata={"help": "Fraction of the sampling grid's sigmas trained per sample."}
+        default=0.99,
+        metadata={"help": "Fraction of the sampling grid's sigmas trained per sample (one loss chunk each)."},
     )
     rollout_guidance_scale: float | None = field(
         default=None, metadata={"help": "CFG scale of the rollouts only (unset: guidance_scale)."}

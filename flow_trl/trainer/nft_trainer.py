@@ -31,7 +31,7 @@ def nft_loss(
     r: torch.Tensor,
     strength: float,
     loss_scale: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-NFT's policy loss (docs/algorithms.md#nft), a pure function.
 
     ``v+ = b v_theta + (1 - b) v_old`` and ``v- = (1 + b) v_old - b v_theta`` define x0-predictions
@@ -54,7 +54,7 @@ def nft_loss(
     loss_pos = (x0_pos - x0).pow(2).mean(dims) / w_pos
     loss_neg = (x0_neg - x0).pow(2).mean(dims) / w_neg
     loss = loss_scale * ((r * loss_pos + (1 - r) * loss_neg) / strength).mean()
-    metrics = {"nft/positive_loss": loss_pos.mean().item(), "nft/negative_loss": loss_neg.mean().item()}
+    metrics = {"nft/positive_loss": loss_pos.detach().mean(), "nft/negative_loss": loss_neg.detach().mean()}
     return loss, metrics
 
 

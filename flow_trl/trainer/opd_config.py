@@ -37,7 +37,9 @@ class FlowOPDConfig(ManifoldAnchorArguments, DanceGRPOConfig):
     https://huggingface.co/papers/2605.08063; docs/algorithms.md#opd, docs/opd.md).
 
     Inherits every field of [`DanceGRPOConfig`] (the SDE of rollouts, PPO clip, timestep fraction) and of
-    [`FlowRLConfig`], among them MAR: `mar_coef` (Flow-OPD's beta 0.04) and `mar_adapter` (unset: the base model).
+    [`FlowRLConfig`], among them MAR: `mar_coef` (Flow-OPD's beta 0.04; one anchor forward per trained transition)
+    and `mar_adapter` (unset: the base model). Each trained transition also runs the forward of every teacher routed
+    to a sample of the micro-batch.
     OPD fields:
 
     teachers (`dict[str, str]` or `list[str]`):
@@ -77,7 +79,9 @@ class FlowOPDConfig(ManifoldAnchorArguments, DanceGRPOConfig):
         default=0.99, metadata={"help": "Fraction of each sample's stochastic transitions trained (never the last)."}
     )
     mar_coef: float = field(
-        default=0.04, metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (0: off)."}
+        default=0.04,
+        metadata={"help": "Manifold Anchor Regularization: KL coefficient to the anchor (Flow-OPD's 0.04; 0: off, "
+                  "> 0 adds one anchor forward per trained transition)."},
     )
     teachers: list[str] | None = field(
         default=None,

@@ -186,7 +186,7 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
             rewards = self.accelerator.gather(inputs["rewards"])
             keep = constant_group_mask(rewards, self.args.num_generations, self.accelerator.process_index,
                                        self.accelerator.num_processes)
-            self._log_train_metrics({"opd/kept_frac": keep.mean().item()})
+            self._log_train_metrics({"opd/kept_frac": keep.mean()})
             inputs = {**inputs, "keep": keep}
         return inputs
 
@@ -210,7 +210,7 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
         v_teacher = self.teacher_velocity(t.latents, t.sigma, t.cond, inputs["teacher_ids"][t.rows])
         kl = transition_kl(t, v_teacher)
         keep = inputs["keep"][t.rows] if "keep" in inputs else torch.ones_like(kl)
-        metrics = {"opd/teacher_kl": kl.detach().mean().item()}
+        metrics = {"opd/teacher_kl": kl.detach().mean()}
         if args.opd_mode == "gkd":
             return gkd_loss(kl, args.teacher_kl_coef, keep), metrics
         task = self._transition_advantages(inputs, t.rows, t.steps) if args.opd_mode == "mixed" else None

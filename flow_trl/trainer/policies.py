@@ -65,6 +65,7 @@ class Policies:
         self.is_lora = peft_config is not None
         self.lora_export_rank = lora_export_rank
         self._copies: dict[str, nn.Module] = {}  # full fine-tuning: the frozen copy of each non-trained policy
+        self._lora_index: _LoraIndex | None = None  # LoRA: the adapter layers and weights, found once (`_lora`)
         if self.is_lora:
             if full_finetune_params != "all" or lora_export_rank is not None:
                 raise ValueError(
@@ -93,13 +94,22 @@ class Policies:
 
     def activate(self, name: str) -> None:
         """Make policy `name` the one the transformer computes (LoRA; full copies are separate modules). Only
-        ``"default"`` is ever trainable."""
+        ``"default"`` is ever trainable.
+
+        Costs nothing when `name` is already active, and otherwise touches only the adapter layers and LoRA weights
+        (`_LoraIndex`), not every module and parameter of the transformer as diffusers' `set_adapter` does.
+        """
         if not self.is_lora:
             return
-        self.transformer.set_adapter(name)
-        for param_name, param in self.transformer.named_parameters():
-            if "lora_" in param_name:
-                param.requires_grad_(f".{TRAINED}." in param_name)
+        lora = self._lora()
+        if lora.layers[0].active_adapters == [name]:
+            return
+        if name not in self.transformer.peft_config:
+            raise ValueError(f"No adapter {name!r} on the transformer; its adapters are {list(lora.adapters)}.")
+        for layer in lora.layers:
+            layer.set_adapter(name)  # peft also marks the active adapter's weights trainable: undone below
+        for param, trainable in lora.requires_grad:
+            param.requires_grad_(trainable)
 
     def copy(self, source: str, target: str) -> None:
         """``target <- source`` for every policy weight."""
@@ -130,12 +140,15 @@ class Policies:
         elif not self.is_lora:
             yield self._copies[name]
         elif name == REFERENCE:
-            self.transformer.disable_adapters()
+            layers = self._lora().layers
+            for layer in layers:
+                layer.enable_adapters(False)
             try:
                 with eval_mode(self.transformer):
                     yield self.transformer
             finally:
-                self.transformer.enable_adapters()
+                for layer in layers:
+                    layer.enable_adapters(True)
         else:
             self.activate(name)
             try:
@@ -155,7 +168,15 @@ class Policies:
         if not self.is_lora:
             module = self.transformer if name == TRAINED else self._copies[name]
             return dict(module.named_parameters())
-        return {n: p for n, p in self.transformer.named_parameters() if f".{name}." in n}
+        return self._lora().parameters(name)
+
+    def _lora(self) -> _LoraIndex:
+        """The transformer's adapter layers and LoRA weights, indexed again whenever its set of adapters changed (an
+        adapter added or loaded, here or by the user)."""
+        adapters = tuple(self.transformer.peft_config)
+        if self._lora_index is None or self._lora_index.adapters != adapters:
+            self._lora_index = _LoraIndex(self.transformer, adapters)
+        return self._lora_index
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -234,6 +255,27 @@ class Policies:
             if f.endswith(".safetensors"):
                 state.update(load_state_dict(os.path.join(weights, f)))
         self.transformer.load_state_dict(state)
+
+
+class _LoraIndex:
+    """What switching LoRA policies touches, found in one walk of the transformer: its peft adapter layers, each
+    adapter's weights (`parameters`, in module order) and the trainability every LoRA weight keeps (only the trained
+    adapter's)."""
+
+    def __init__(self, transformer: nn.Module, adapters: tuple[str, ...]):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.adapters = adapters
+        self.layers = [module for module in transformer.modules() if isinstance(module, BaseTunerLayer)]
+        self._named = list(transformer.named_parameters())
+        self.requires_grad = [(p, f".{TRAINED}." in n) for n, p in self._named if "lora_" in n]
+        self._by_adapter: dict[str, dict[str, nn.Parameter]] = {}
+
+    def parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s weights by their parameter name."""
+        if name not in self._by_adapter:
+            self._by_adapter[name] = {n: p for n, p in self._named if f".{name}." in n}
+        return self._by_adapter[name]
 
 
 def _set_full_finetune_params(transformer: nn.Module, which: str) -> None:
