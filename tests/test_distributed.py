@@ -112,9 +112,11 @@ def test_loss_chunks_reach_the_accumulation_boundary_once(tmp_path, monkeypatch)
         calls.append((trainer.accelerator.gradient_state.sync_gradients, kwargs))
         loss.backward()
 
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by train() otherwise
     monkeypatch.setattr(trainer.accelerator, "backward", backward)
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
-    trainer.training_step(trainer.model, next(iter(trainer.get_train_dataloader())))
+    trainer.training_step(trainer.model, batch)
     assert [sync for sync, _ in calls] == [False, False, True]  # 3 of the 4 steps' transitions are recorded
     assert all(kwargs == {"scale_wrt_gas": False} for _, kwargs in calls)
     assert trainer.accelerator.gradient_state.sync_gradients  # restored for the optimizer step

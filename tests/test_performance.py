@@ -132,6 +132,8 @@ def test_policy_switches_walk_no_module_and_keep_only_the_trained_adapter_traina
         assert torch.equal(velocity(anchor), trained_velocity)
     assert {n for n, p in transformer.named_parameters() if p.requires_grad} == trainable
     assert set(policies._parameters("anchor")) == {n.replace(".default.", ".anchor.") for n in trainable}
+    with pytest.raises(ValueError, match=r"No adapter 'missing' on the transformer; its adapters are \['default'"):
+        policies.activate("missing")
 
 
 def test_rollout_reads_the_device_once(shapes_pipe):
