@@ -7,9 +7,9 @@ and splits each into two halves of whole prompt groups (even and odd groups). Ea
 as the first optimizer step of that rollout would compute it (every loss chunk, summed), and the two are compared:
 the cosine between them. With ``g`` the expected gradient and ``s^2`` the noise variance of one half,
 ``E[cos] ~ |g|^2 / (|g|^2 + s^2)`` (the standard two-half estimate of the gradient noise scale), so the share of the
-whole rollout's squared gradient that is signal is ``2 cos / (1 + cos)``. Independent halves agree only through the expected gradient: a cosine near 0 means one
-rollout's update is mostly noise and the weights random-walk. Prints one line per rollout and the mean; no weight
-is updated.
+whole rollout's squared gradient that is signal is ``2 cos / (1 + cos)``. Independent halves agree only through the
+expected gradient: a cosine near 0 means one rollout's update is mostly noise and the weights random-walk. Prints one
+line per rollout and the mean; no weight is updated.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Seconds per training iteration by phase, the overhead above pure transformer compute, start-up and peak memory.
 
-    OMP_NUM_THREADS=1 python benchmarks/throughput.py --trainer nft     # the issue's side-by-side geometry (below)
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py --trainer nft     # the side-by-side geometry (below)
     OMP_NUM_THREADS=1 python benchmarks/throughput.py --trainer grpo
     OMP_NUM_THREADS=1 python benchmarks/throughput.py --trainer nft --model sd35-medium --resolution 256 \\
         --prompts 1 --group 2 --steps 2 --gradient_checkpointing --warmup 0 --iterations 1 --no-pure_compute
@@ -16,10 +16,10 @@ On a GPU (an H100 or larger; bf16, the real depth of both architectures, 2 itera
         --resolution 512 --prompts 1 --group 2 --steps 10 --gradient_checkpointing --iterations 2
     python benchmarks/throughput.py --memory_table --device cuda  # the activation parts measured on the GPU
 
-Default geometry (the issue's side-by-side one): the shapes pipeline at its native 64 px, 4 prompts x group 4 = 16
-images per rollout, 10 sampling steps, LoRA r32 (alpha 64) on the 8 attention projections, fp32; one rollout and one
-optimizer step per iteration (`--micro_batch` images per backward; all 16 by default), the trainer's other defaults
-(`--set FIELD=VALUE` changes any config field, e.g. `--set beta=0`).
+Default geometry (the one of the Flow-Factory comparison in docs/benchmarks.md): the shapes pipeline at its native
+64 px, 4 prompts x group 4 = 16 images per rollout, 10 sampling steps, LoRA r32 (alpha 64) on the 8 attention
+projections, fp32; one rollout and one optimizer step per iteration (`--micro_batch` images per backward; all 16 by
+default), the trainer's other defaults (`--set FIELD=VALUE` changes any config field, e.g. `--set beta=0`).
 
 Phases (disjoint, so they add up to at most the iteration): `rollout_forward` (transformer calls while sampling),
 `text_encode`, `decode` (VAE), `reward`, `train_forward` (transformer calls with gradient), `policy_forward`
