@@ -146,4 +146,94 @@ def encode_preference_dataset(dataset, encode: Callable[[torch.Tensor], torch.Te
     return encoded
 
 
-__all__ = ["check_preference_dataset", "encode_preference_dataset", "is_preference_dataset", "load_image"]
+def best_worst_pairs(prompts: list[str], images: torch.Tensor, rewards: torch.Tensor, num_generations: int,
+                     min_margin: float = 0.0):
+    """A preference dataset from groups of samples: each group's highest- and lowest-rewarded images.
+
+    Args:
+        prompts (`list[str]`): one per image; groups of `num_generations` consecutive images share their prompt.
+        images (`Tensor`): ``[N, 3, H, W]`` in [0, 1].
+        rewards (`Tensor`): ``[N]`` (NaN: not scored, never chosen nor rejected).
+        num_generations (`int`): images per group.
+        min_margin (`float`, defaults to `0.0`): a group whose best and worst rewards differ by this much or less
+            gives no pair (ties carry no preference).
+
+    Returns:
+        `datasets.Dataset` with `prompt`, `chosen`, `rejected` (uint8 ``[H, W, 3]`` arrays) and `chosen_reward`,
+        `rejected_reward`.
+    """
+    from datasets import Dataset
+
+    if len(prompts) != len(images) or len(images) != len(rewards) or len(images) % num_generations:
+        raise ValueError(
+            f"best_worst_pairs needs whole groups of {num_generations} with one prompt, image and reward each; got "
+            f"{len(prompts)} prompts, {len(images)} images and {len(rewards)} rewards."
+        )
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "chosen_reward": [], "rejected_reward": []}
+    for start in range(0, len(images), num_generations):
+        group = rewards[start : start + num_generations].float()
+        if len(set(prompts[start : start + num_generations])) != 1:
+            raise ValueError(f"Images {start}-{start + num_generations - 1} form a group but have different prompts.")
+        scored = ~torch.isnan(group)
+        if scored.sum() < 2:
+            continue
+        best = int(torch.where(scored, group, -torch.inf).argmax())
+        worst = int(torch.where(scored, group, torch.inf).argmin())
+        if group[best] - group[worst] <= min_margin:
+            continue
+        rows["prompt"].append(prompts[start])
+        rows["chosen"].append(pixels[start + best])
+        rows["rejected"].append(pixels[start + worst])
+        rows["chosen_reward"].append(float(group[best]))
+        rows["rejected_reward"].append(float(group[worst]))
+    return Dataset.from_dict(rows)
+
+
+@torch.no_grad()
+def sample_preference_pairs(trainer, dataset, num_generations: int, batch_size: int = 32, min_margin: float = 0.0,
+                            seed: int = 0):
+    """Offline preference pairs from a model's own samples: `num_generations` ODE samples of each row's prompt from
+    the trainer's current policy (before training: the model it was built on), scored by its reward functions (with
+    the row's other columns, weighted as in training), reduced to each prompt's best and worst image
+    (`best_worst_pairs`).
+
+    Args:
+        trainer ([`FlowRLTrainer`]): any flow_trl trainer built on the model and reward functions to sample and score
+            with (e.g. an online [`FlowDPOTrainer`] on the prompts).
+        dataset (`datasets.Dataset`): a prompt dataset (`prompt` column; the other columns go to the rewards).
+        num_generations (`int`): samples per prompt (at least 2).
+        batch_size (`int`, defaults to `32`): images sampled at once.
+        min_margin (`float`, defaults to `0.0`): see `best_worst_pairs`.
+        seed (`int`, defaults to `0`): seed of the initial noise.
+
+    Returns:
+        `datasets.Dataset` in TRL's preference format (`prompt`, `chosen`, `rejected`) plus the two rewards.
+    """
+    from .rewards import weighted_reward
+
+    if num_generations < 2:
+        raise ValueError(f"A preference pair needs at least 2 samples per prompt; got {num_generations}.")
+    rows = [row for row in dataset for _ in range(num_generations)]
+    generator = torch.Generator().manual_seed(seed)
+    images, rewards = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        prompts = [row["prompt"] for row in batch]
+        _, chunks = trainer.sample(prompts, generator)
+        batch_images = trainer.decode(torch.cat([c.latents for c in chunks]))
+        columns = {k: [row[k] for row in batch] for k in batch[0] if k != "prompt"}
+        images.append(batch_images.cpu())
+        rewards.append(weighted_reward(trainer.score(prompts, batch_images, columns), trainer.args.reward_weights))
+    return best_worst_pairs([row["prompt"] for row in rows], torch.cat(images), torch.cat(rewards).cpu(),
+                            num_generations, min_margin)
+
+
+__all__ = [
+    "best_worst_pairs",
+    "check_preference_dataset",
+    "encode_preference_dataset",
+    "is_preference_dataset",
+    "load_image",
+    "sample_preference_pairs",
+]

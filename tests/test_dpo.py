@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -138,3 +139,23 @@ def test_offline_dataset_errors(tmp_path):
         FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=broken)
     with pytest.raises(ValueError, match="reward_funcs"):
         FlowDPOTrainer(MODEL, args=dpo_config(tmp_path), train_dataset=train_prompts(8))
+
+
+def test_best_worst_pairs_keeps_each_groups_extremes():
+    """Groups of 3: the best and worst image of each become a pair; a tie, a group within `min_margin` and NaN
+    rewards give no pair or are skipped."""
+    from flow_trl.preference import best_worst_pairs
+
+    images = torch.arange(9, dtype=torch.float32).div(10).view(9, 1, 1, 1).expand(9, 3, 2, 2)  # image i is i/10 grey
+    prompts = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.3, 0.3, float("nan"), 0.2, 0.6])
+    pairs = best_worst_pairs(prompts, images, rewards, num_generations=3)
+    assert pairs["prompt"] == ["a", "c"]  # "b" ties
+    chosen = [int(np.asarray(c)[0, 0, 0]) for c in pairs["chosen"]]
+    rejected = [int(np.asarray(r)[0, 0, 0]) for r in pairs["rejected"]]
+    assert chosen == [round(0.1 * 255), round(0.8 * 255)] and rejected == [0, round(0.7 * 255)]  # NaN never chosen
+    assert pairs["chosen_reward"] == pytest.approx([0.9, 0.6])
+    assert pairs["rejected_reward"] == pytest.approx([0.1, 0.2])
+    assert best_worst_pairs(prompts, images, rewards, 3, min_margin=0.5)["prompt"] == ["a"]  # 0.4 <= 0.5
+    with pytest.raises(ValueError, match="whole groups"):
+        best_worst_pairs(prompts[:8], images[:8], rewards[:8], num_generations=3)

@@ -141,3 +141,21 @@ def test_help_lists_every_field_with_its_help(command):
             help_text = re.sub(r"\s+", " ", f.metadata.get("help", "")).strip()
             assert help_text, f"{dtype.__name__}.{f.name} has no help text"
             assert help_text[:40].replace("%%", "%") in text.replace("%%", "%"), f.name
+
+
+def test_dpo_trains_offline_on_pairs_of_its_own_samples(tmp_path, monkeypatch):
+    """`flow-trl dpo --pairs_from_samples 4`: four samples of each of 16 training prompts, best vs worst by the
+    shapes reward (tied prompts give none), saved as a preference dataset, then offline DPO on it."""
+    from datasets import load_from_disk
+
+    import flow_trl.toy.world as world
+
+    rows = {split: world.split_prompts(split)[:16] for split in ("train", "test")}
+    monkeypatch.setattr(world, "split_prompts", lambda split: rows[split])
+
+    out = tmp_path / "out"
+    assert main(["dpo", "--output_dir", str(out), *TINY, *EXTRA["dpo"], "--pairs_from_samples", "4"]) == 0
+    pairs = load_from_disk(str(out / "preference_pairs"))
+    assert 4 <= len(pairs) <= 16 and set(pairs.column_names) >= {"prompt", "chosen", "rejected"}
+    assert all(c > r for c, r in zip(pairs["chosen_reward"], pairs["rejected_reward"]))
+    assert (out / "shapes_eval.json").is_file()

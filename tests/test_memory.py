@@ -144,6 +144,7 @@ def test_offload_reward_models_needs_a_reward_model_with_torch_modules(tmp_path,
                                          r"Set offload_reward_models=False"):
         FlowNFTTrainer(shapes_pipe, args=tiny_config(FlowNFTConfig, tmp_path, offload_reward_models=True),
                        reward_funcs=brightness, train_dataset=train_prompts(8), peft_config=tiny_lora())
+    assert not hasattr(shapes_pipe.transformer, "_flow_trl_trainer")  # refused before the pipeline was touched
 
 
 def test_reward_model_modules_are_its_torch_attributes():

@@ -11,9 +11,11 @@ held-out score before and after. With a model:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
+from .utils import SHAPES_COMMON_DEFAULTS, ScriptArguments, TrainerScript, build_trainer, run_training
 
 
 # The shapes-world recipe (online; measured figures: docs/benchmarks.md): every linear layer's weight of the tiny
@@ -29,7 +31,51 @@ SHAPES_DPO_DEFAULTS: dict[str, Any] = {
 }
 
 
-SCRIPT = TrainerScript("dpo", "FlowDPOTrainer", "FlowDPOConfig", SHAPES_DPO_DEFAULTS)
+@dataclass
+class DPOScriptArguments(ScriptArguments):
+    """[`ScriptArguments`] plus offline training on pairs of the model's own samples."""
+
+    pairs_from_samples: int = field(
+        default=0,
+        metadata={"help": "Train offline on pairs of the model's own samples: this many ODE samples per training "
+                  "prompt, each prompt's best vs worst by the reward functions, saved to "
+                  "<output_dir>/preference_pairs (0: train online, or offline on a preference --dataset_name)."},
+    )
+    pairs_min_margin: float = field(
+        default=0.0,
+        metadata={"help": "With --pairs_from_samples: no pair from a prompt whose best and worst rewards differ by "
+                  "this much or less."},
+    )
+
+
+class DPOTrainerScript(TrainerScript):
+    """`flow-trl dpo`: online, offline on a preference dataset, or offline on pairs of the model's own samples."""
+
+    def main(self, script_args: DPOScriptArguments, training_args) -> dict[str, Any]:
+        from ..preference import sample_preference_pairs
+        from ..trainer import FlowDPOTrainer
+
+        if not script_args.pairs_from_samples:
+            return run_training(FlowDPOTrainer, script_args, training_args)
+        sampler = build_trainer(FlowDPOTrainer, script_args, training_args)  # online: the prompts and the rewards
+        pairs = sample_preference_pairs(sampler, sampler.train_dataset, script_args.pairs_from_samples,
+                                        batch_size=training_args.per_device_train_batch_size,
+                                        min_margin=script_args.pairs_min_margin, seed=training_args.seed)
+        del sampler
+        if len(pairs) == 0:
+            raise ValueError(
+                "No preference pair: every prompt's samples tie on the rewards (within --pairs_min_margin). Raise "
+                "--pairs_from_samples, lower --pairs_min_margin, or use a reward that tells the samples apart."
+            )
+        gap = sum(c - r for c, r in zip(pairs["chosen_reward"], pairs["rejected_reward"])) / len(pairs)
+        print(f"{len(pairs)} preference pairs from {script_args.pairs_from_samples} samples per prompt "
+              f"(mean reward gap {gap:.3f})")
+        trainer = build_trainer(FlowDPOTrainer, script_args, training_args, train_dataset=pairs)
+        pairs.save_to_disk(str(Path(training_args.output_dir) / "preference_pairs"))
+        return run_training(FlowDPOTrainer, script_args, training_args, trainer=trainer)
+
+
+SCRIPT = DPOTrainerScript("dpo", "FlowDPOTrainer", "FlowDPOConfig", SHAPES_DPO_DEFAULTS, DPOScriptArguments)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
 

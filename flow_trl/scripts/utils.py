@@ -376,11 +376,13 @@ def shapes_card_table(before: dict[str, float], after: dict[str, float]) -> dict
     return {f"shapes held-out {key} (base -> trained)": f"{before[key]:.3f} -> {after[key]:.3f}" for key in keys}
 
 
-def build_trainer(trainer_class, script_args: ScriptArguments, training_args):
-    """The `trainer_class` instance the flags describe (the shapes world when no `--model` is given)."""
+def build_trainer(trainer_class, script_args: ScriptArguments, training_args, train_dataset=None):
+    """The `trainer_class` instance the flags describe (the shapes world when no `--model` is given); `train_dataset`
+    replaces the flags' training dataset."""
     from ..toy import SHAPES_PIPELINE_DIR
 
     train_ds, eval_ds = load_prompt_datasets(script_args)
+    train_ds = train_ds if train_dataset is None else train_dataset
     if training_args.eval_strategy == "no":  # the held-out prompts serve only the shapes world's before/after report
         eval_ds = None
     with quiet_loading():

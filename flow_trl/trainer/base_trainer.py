@@ -144,6 +144,12 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
                 f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} reward "
                 "functions; give one weight per function."
             )
+        if args.offload_reward_models and not any(isinstance(f, RewardModel) for f in self.reward_funcs):
+            raise ValueError(
+                f"offload_reward_models=True, but none of the reward functions ({', '.join(self.reward_func_names)}) "
+                "holds a torch model to move: it applies to flow_trl.rewards.RewardModel rewards such as PickScore "
+                "or HPSv2 (see RewardModel.modules). Set offload_reward_models=False."
+            )
         self.resolution = args.resolution or self.adapter.default_resolution
         try:
             self.adapter.latent_shape(self.resolution, self.resolution)
@@ -333,14 +339,7 @@ class FlowRLTrainer(CheckpointMixin, ModelCardMixin, Trainer):
         for func in self.reward_funcs:
             if isinstance(func, RewardModel):
                 func.load()
-        models = self._reward_models()
-        if not models:
-            raise ValueError(
-                f"offload_reward_models=True, but none of the reward functions ({', '.join(self.reward_func_names)}) "
-                "holds a torch model to move: it applies to flow_trl.rewards.RewardModel rewards such as PickScore "
-                "or HPSv2 (see RewardModel.modules). Set offload_reward_models=False."
-            )
-        for model in models:
+        for model in self._reward_models():
             for module in model.modules():
                 module.to("cpu")
 
