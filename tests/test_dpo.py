@@ -11,6 +11,7 @@ from helpers import MODEL, tiny_config, tiny_lora, train_prompts
 from flow_trl import FlowDPOConfig, FlowDPOTrainer
 from flow_trl.preference import encode_preference_dataset
 from flow_trl.toy import shapes_preference_dataset
+from flow_trl.trainer.base_trainer import format_training_summary
 from flow_trl.trainer.dpo_trainer import diffusion_dpo_loss
 
 
@@ -90,6 +91,9 @@ def test_offline_dpo_raises_held_out_implicit_accuracy(tmp_path):
     assert _held_out_accuracy(trainer, held_out) > 0.6
     logs = {k for entry in trainer.state.log_history for k in entry}
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= logs
+    summary = trainer.training_summary()  # no image is generated offline: the summary counts pairs
+    assert summary["pairs_seen"] == 12 * 8  # 12 steps of 8 pairs
+    assert "images_generated" not in summary and "96 preference pairs seen" in format_training_summary(summary)
 
 
 def test_online_dpo_pairs_best_and_worst_and_refreshes_its_reference(tmp_path):

@@ -721,8 +721,9 @@ def to_floats(values: list[float | torch.Tensor]) -> list[float]:
 
 def format_training_summary(summary: dict[str, Any]) -> str:
     """A few readable lines of `FlowRLTrainer.training_summary`."""
-    lines = [f"{summary['algorithm']} training finished: {summary['steps']} steps, "
-             f"{summary['images_generated']} images generated"
+    seen = (f"{summary['images_generated']} images generated" if "images_generated" in summary
+            else f"{summary['pairs_seen']} preference pairs seen")
+    lines = [f"{summary['algorithm']} training finished: {summary['steps']} steps, {seen}"
              + (f", {summary['train_runtime_s']:.0f} s" if "train_runtime_s" in summary else "")]
     for key, value in summary.items():
         if isinstance(value, tuple):

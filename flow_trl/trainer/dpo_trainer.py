@@ -148,6 +148,13 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
                     batch_size=self.args.per_device_train_batch_size, model_key=str(name),
                 )
 
+    def training_summary(self) -> dict[str, Any]:
+        """As [`FlowRLTrainer`]; offline, the preference pairs trained on instead of images generated (none are)."""
+        summary = super().training_summary()
+        if self.offline:
+            summary["pairs_seen"] = summary.pop("images_generated")
+        return summary
+
     def _requires_reward_funcs(self, dataset) -> bool:
         return dataset is None or not is_preference_dataset(dataset)
 
