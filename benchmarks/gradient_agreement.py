@@ -52,7 +52,9 @@ def main() -> None:
     args, flags = parser.parse_known_args()
     flags = [f for f in flags if f != "--"]
 
-    from flow_trl.scripts.utils import build_trainer, parse_with_shapes_defaults
+    from flow_trl.scripts.utils import build_trainer, parse_with_shapes_defaults, quiet_start
+
+    quiet_start()
 
     script = importlib.import_module(f"flow_trl.scripts.{args.trainer}").SCRIPT
     script_args, training_args = parse_with_shapes_defaults(

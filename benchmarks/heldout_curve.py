@@ -113,7 +113,9 @@ def main() -> None:
     flags = [f for f in flags if f != "--"]
     output_dir = args.output_dir or f"runs/{args.trainer}-curve"
 
-    from flow_trl.scripts.utils import build_trainer, parse_with_shapes_defaults, run_training
+    from flow_trl.scripts.utils import build_trainer, parse_with_shapes_defaults, quiet_start, run_training
+
+    quiet_start()
 
     script = importlib.import_module(f"flow_trl.scripts.{args.trainer}").SCRIPT
     script_args, training_args = parse_with_shapes_defaults(
