@@ -26,7 +26,7 @@ SHAPES_DPO_DEFAULTS: dict[str, Any] = {
     "use_peft": False,
     "full_finetune_params": "linear",
     "lora_export_rank": 128,
-    "learning_rate": 5e-4,
+    "learning_rate": 2e-4,
     "num_train_timesteps": 3,
 }
 
