@@ -186,27 +186,41 @@ def clip_advantages(adv: Tensor, max_abs: float | None) -> Tensor:
     return adv.clamp(-max_abs, max_abs)
 
 
-def best_worst_pairs(rewards: Tensor, num_generations: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Online Diffusion-DPO's pairs: in each group, the highest-reward sample (winner) and the lowest (loser).
+def best_worst_pairs(
+    rewards: Tensor, num_generations: int, pairs_per_group: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Online Diffusion-DPO's pairs, matched by rank within each group: the highest-reward sample (winner) against
+    the lowest (loser), then, with `pairs_per_group` k > 1, the second highest against the second lowest, and so on
+    to the k-th.
 
-    NaN rewards are ignored; ties go to the earliest sample. A group whose best and worst rewards are equal (or
-    that has fewer than two finite rewards) gives an invalid pair: it carries no preference.
+    NaN rewards are ignored; ties go to the earliest sample. A pair whose winner's reward does not exceed its loser's
+    (equal rewards, or too few finite rewards in the group) is invalid: it carries no preference.
 
     Args:
         rewards (`Tensor`): `[N]` rewards in contiguous groups of `num_generations`.
         num_generations (`int`): group size G.
+        pairs_per_group (`int`, defaults to `1`): k, at most G // 2, so that no image is in two pairs.
 
     Returns:
-        `tuple[Tensor, Tensor, Tensor]`: winner indices `[N / G]`, loser indices `[N / G]` (into the N samples) and
-        a bool `valid` mask `[N / G]`.
+        `tuple[Tensor, Tensor, Tensor]`: winner indices `[N / G * k]`, loser indices `[N / G * k]` (into the N
+        samples; group by group, best pair first) and a bool `valid` mask `[N / G * k]`.
     """
     grouped = _grouped(rewards, num_generations)
+    if not 1 <= pairs_per_group <= num_generations // 2:
+        raise ValueError(
+            f"pairs_per_group must be between 1 and num_generations // 2 = {num_generations // 2} (each image in at "
+            f"most one pair); got {pairs_per_group}."
+        )
     finite = torch.isfinite(grouped)
-    best = torch.where(finite, grouped, torch.full_like(grouped, -torch.inf)).max(dim=1)
-    worst = torch.where(finite, grouped, torch.full_like(grouped, torch.inf)).min(dim=1)
-    offset = torch.arange(len(grouped)) * num_generations
-    valid = (finite.sum(dim=1) >= 2) & (best.values > worst.values)
-    return best.indices + offset, worst.indices + offset, valid
+    down = torch.where(finite, grouped, torch.full_like(grouped, -torch.inf))
+    up = torch.where(finite, grouped, torch.full_like(grouped, torch.inf))
+    best = down.sort(dim=1, descending=True, stable=True)
+    worst = up.sort(dim=1, stable=True)
+    offset = (torch.arange(len(grouped)) * num_generations)[:, None]
+    winners, losers = best.indices[:, :pairs_per_group] + offset, worst.indices[:, :pairs_per_group] + offset
+    win, lose = best.values[:, :pairs_per_group], worst.values[:, :pairs_per_group]
+    valid = torch.isfinite(win) & torch.isfinite(lose) & (win > lose)
+    return winners.flatten(), losers.flatten(), valid.flatten()
 
 
 def reward_stats(rewards: Tensor, num_generations: int) -> dict[str, float]:

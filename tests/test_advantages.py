@@ -95,3 +95,14 @@ def test_best_worst_pairs():
     assert winners.tolist()[2] == 8 and losers.tolist()[2] == 7  # the NaN (abstained) reward is skipped
     single = best_worst_pairs(torch.tensor([float("nan"), 1.0]), num_generations=2)[2]
     assert single.tolist() == [False]
+
+
+def test_best_worst_pairs_by_rank():
+    rewards = torch.tensor([0.2, 0.9, 0.1, 0.5, 1.0, 1.0, 0.0, 0.0, float("nan"), 0.4, 0.3, 0.8])
+    winners, losers, valid = best_worst_pairs(rewards, num_generations=4, pairs_per_group=2)
+    assert winners.tolist() == [1, 3, 4, 5, 11, 9]
+    assert losers.tolist() == [2, 0, 6, 7, 10, 9]  # ties keep the earliest first; NaN is never picked
+    assert valid.tolist() == [True, True, True, True, True, False]  # 3 finite rewards: the middle one pairs itself
+    assert best_worst_pairs(rewards, 4, pairs_per_group=1)[0].tolist() == [1, 4, 11]
+    with pytest.raises(ValueError, match="pairs_per_group must be between 1 and num_generations // 2 = 2"):
+        best_worst_pairs(rewards, 4, pairs_per_group=3)

@@ -125,6 +125,21 @@ def test_online_pairs_come_from_groups(tmp_path):
     assert inputs["valid"].tolist() == [True, False]  # all-equal group: no preference
 
 
+def test_online_pairs_per_group_match_ranks(tmp_path):
+    trainer = FlowDPOTrainer(MODEL, args=dpo_config(tmp_path, num_generations=4, pairs_per_group=2),
+                             reward_funcs="shapes", train_dataset=train_prompts(8), peft_config=tiny_lora())
+    latents = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 4, 8, 8)
+    cond = trainer.encode_prompts(["a photo of a circle"] * 4 + ["a photo of a square"] * 4)
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.0, 0.3, 0.3, 0.3, 0.3])
+    inputs = trainer._prepare_training_inputs({"latents": latents, "cond": cond, "rewards": rewards},
+                                              torch.Generator().manual_seed(0))
+    # group 1: (0.9 vs 0.0), then (0.5 vs 0.1); group 2 is all ties
+    assert inputs["latents"][:, :, 0, 0, 0].tolist() == [[1, 3], [2, 0], [4, 4], [5, 5]]
+    assert inputs["valid"].tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="pairs_per_group \\(3\\) must be between 1 and num_generations // 2 \\(2\\)"):
+        dpo_config(tmp_path, num_generations=4, pairs_per_group=3)
+
+
 def test_online_dpo_needs_groups_of_two(tmp_path):
     with pytest.raises(ValueError, match="num_generations must be at least 2"):
         FlowDPOTrainer(MODEL, args=dpo_config(tmp_path, num_generations=1), reward_funcs="shapes",

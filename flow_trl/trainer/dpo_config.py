@@ -35,8 +35,13 @@ class FlowDPOConfig(NormGuardArguments, FlowRLConfig):
         How the training sigmas are drawn (independently per pair): `"logit_normal"` (the reference: logit-normal
         through the scheduler's shift), `"uniform"`, `"discrete"` or `"discrete_wo_init"` (see `flow_trl.timesteps`).
     num_generations (`int`, *optional*):
-        Online only: images per prompt; each group gives one pair, its best against its worst by reward (groups with
-        equal rewards give none). Defaults to 8 online; ignored offline.
+        Online only: images per prompt; each group gives `pairs_per_group` pairs by reward rank (groups with equal
+        rewards give none). Defaults to 8 online; ignored offline.
+    pairs_per_group (`int`, defaults to `1`):
+        Online only: pairs per group of `num_generations` images, matched by rank: the best image against the worst
+        (the reference's one pair), then the second best against the second worst, and so on; at most
+        `num_generations // 2`. With `num_generations // 2` every image of the rollout is in a pair, for as many
+        more training forwards per micro-batch.
     rollout_policy (`str`, defaults to `"policy"`):
         Online only: who samples the rollouts: the trained `"policy"` (online DPO) or the DPO `"reference"`.
     ref_update_steps (`int`, *optional*):
@@ -46,13 +51,19 @@ class FlowDPOConfig(NormGuardArguments, FlowRLConfig):
     > [!NOTE]
     > Defaults that differ from [`FlowRLConfig`]: `learning_rate=1e-4`. As in [`FlowRLConfig`], training is
     > CFG-free (`guidance_scale=1.0`, as the reference). Each micro-batch of `per_device_train_batch_size` images holds
-    > `per_device_train_batch_size / num_generations` online pairs (`per_device_train_batch_size` pairs offline).
+    > `per_device_train_batch_size / num_generations * pairs_per_group` online pairs (`per_device_train_batch_size`
+    > pairs offline).
     > NormGuard's paper uses `norm_guard_coef=1.0` with DPO.
     """
 
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     num_generations: int | None = field(
-        default=None, metadata={"help": "Online: images per prompt, one best-vs-worst pair per group (8 if unset)."}
+        default=None, metadata={"help": "Online: images per prompt, pairs_per_group pairs each (8 if unset)."}
+    )
+    pairs_per_group: int = field(
+        default=1,
+        metadata={"help": "Online: pairs per group by reward rank (best-worst, 2nd best-2nd worst, ...); at most "
+                  "num_generations // 2. Each pair costs its training forwards."},
     )
     dpo_beta: float = field(default=100.0, metadata={"help": "DPO temperature on velocity MSEs."})
     num_train_timesteps: int = field(
@@ -88,6 +99,11 @@ class FlowDPOConfig(NormGuardArguments, FlowRLConfig):
                     "Online DPO trains whole pairs per micro-batch: per_device_train_batch_size "
                     f"({self.per_device_train_batch_size}) must be divisible by num_generations "
                     f"({self.num_generations})."
+                )
+            if not 1 <= self.pairs_per_group <= self.num_generations // 2:
+                raise ValueError(
+                    f"pairs_per_group ({self.pairs_per_group}) must be between 1 and num_generations // 2 "
+                    f"({self.num_generations // 2}): each image can be in one pair only."
                 )
 
     def use_online_defaults(self) -> None:

@@ -78,7 +78,8 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
     - **Offline**: `train_dataset` has `prompt`, `chosen` and `rejected` (images), TRL's preference format. The images
       are encoded once through the VAE; `reward_funcs` are optional (used only for evaluation).
     - **Online**: `train_dataset` has prompts only. Each rollout samples `num_generations` images per prompt (with
-      the trained policy or the DPO reference), scores them, and pairs each group's best image with its worst.
+      the trained policy or the DPO reference), scores them, and pairs each group's best image with its worst
+      (and, with `pairs_per_group` > 1, the next best with the next worst).
 
     Winner and loser of a pair are noised with the same sigma and the same noise; the DPO reference is the base
     model, or a copy of the policy refreshed every `ref_update_steps`.
@@ -179,8 +180,10 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
         return self._pair_inputs(cond, pairs, valid, self._rollout_generator())
 
     def _prepare_training_inputs(self, inputs: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """Online: each group's best and worst sample become a pair `latents[p] = (winner, loser)`."""
-        winners, losers, valid = best_worst_pairs(inputs["rewards"].cpu(), self.args.num_generations)
+        """Online: each group's `pairs_per_group` rank-matched pairs `latents[p] = (winner, loser)`."""
+        winners, losers, valid = best_worst_pairs(
+            inputs["rewards"].cpu(), self.args.num_generations, self.args.pairs_per_group
+        )
         latents = inputs["latents"]
         pairs = torch.stack([latents[winners.to(latents.device)], latents[losers.to(latents.device)]], dim=1)
         margin = (inputs["rewards"][winners] - inputs["rewards"][losers])[valid]
