@@ -2,7 +2,7 @@
 
     python benchmarks/heldout_curve.py --trainer nft --every 25 --output_dir runs/nft-curve
     OMP_NUM_THREADS=1 python benchmarks/heldout_curve.py --trainer nft --every 75 --output_dir runs/nft-s3 -- --seed 3
-    python benchmarks/heldout_curve.py --trainer <nft|awm|dpo|grpo|step_grpo> --every N [-- <flow-trl flags>]
+    python benchmarks/heldout_curve.py --trainer <nft|awm|dpo|grpo|step_grpo|opd> --every N [-- <flow-trl flags>]
 
 The first two produce docs/benchmarks.md's NFT tables (the curve along the README's command; one row of the
 six-seed table).
@@ -104,7 +104,7 @@ def plot(points: list[dict], before: float, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trainer", default="nft", choices=["nft", "awm", "dpo", "grpo", "step_grpo"])
+    parser.add_argument("--trainer", default="nft", choices=["nft", "awm", "dpo", "grpo", "step_grpo", "opd"])
     parser.add_argument("--every", type=int, default=50, help="Optimizer steps between evaluations.")
     parser.add_argument("--output_dir", default=None, help="Default: runs/<trainer>-curve.")
     parser.add_argument("--side_ema_decays", type=float, nargs="*", default=[],
@@ -124,6 +124,7 @@ def main() -> None:
     if script_args.model is not None:
         raise ValueError("The held-out curve is the shapes world's; run it without --model.")
     trainer_class = getattr(importlib.import_module("flow_trl.trainer"), script.trainer_class)
+    script.prepare(script_args, training_args)  # e.g. opd: the shapes world's teachers
     trainer = build_trainer(trainer_class, script_args, training_args)
     curve = HeldOutCurve(trainer, script_args, args.every)
     trainer.add_callback(curve)

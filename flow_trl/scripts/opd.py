@@ -29,7 +29,6 @@ from .utils import (
     build_peft_config,
     check_resume_checkpoint,
     quiet_loading,
-    run_training,
 )
 
 
@@ -119,13 +118,11 @@ def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str,
 class OPDTrainerScript(TrainerScript):
     """`flow-trl opd`: the shapes world's teachers are resolved (or trained) before the student."""
 
-    def main(self, script_args: OPDScriptArguments, training_args) -> dict[str, Any]:
-        from ..trainer import FlowOPDTrainer
-
+    def prepare(self, script_args: OPDScriptArguments, training_args) -> None:
+        """On the shapes world with no `--teachers`, resolve (or, with `--train_teachers`, train) the teachers."""
         check_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before the teachers
         if script_args.model is None and not training_args.teachers:
             training_args.teachers = shapes_teachers(script_args, training_args)
-        return run_training(FlowOPDTrainer, script_args, training_args)
 
 
 SCRIPT = OPDTrainerScript("opd", "FlowOPDTrainer", "FlowOPDConfig", SHAPES_OPD_DEFAULTS, OPDScriptArguments)

@@ -453,9 +453,14 @@ class TrainerScript:
         config = getattr(trainer, self.config_class)
         return FlowTrlParser((self.script_args_class, config), prog=prog or f"flow-trl {self.command}")
 
+    def prepare(self, script_args: ScriptArguments, training_args) -> None:
+        """Complete the arguments before the trainer is built (e.g. `flow-trl opd` resolves or trains the shapes
+        world's teachers); nothing by default. Harnesses that build the trainer themselves call it too."""
+
     def main(self, script_args: ScriptArguments, training_args) -> dict[str, Any]:
         from .. import trainer
 
+        self.prepare(script_args, training_args)
         return run_training(getattr(trainer, self.trainer_class), script_args, training_args)
 
     @exit_on_usage_error
