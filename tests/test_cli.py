@@ -79,3 +79,20 @@ def test_diagnose_command(tmp_path, capsys):
     assert len(base["sensitivity"]["mean"]) == 3 and {"score@2/plain", "quality@2/renorm"} <= set(base)
     assert (out / "norm_profile.png").is_file() and (out / "sensitivity.png").is_file()
     assert "noise-to-signal" in capsys.readouterr().out
+
+
+def test_dataset_name_reads_save_to_disk_folders(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from flow_trl.scripts.utils import ScriptArguments, load_prompt_datasets
+
+    rows = Dataset.from_dict({"prompt": ["a red circle", "a blue square"]})
+    rows.save_to_disk(str(tmp_path / "single"))
+    DatasetDict({"train": rows, "test": rows.select([0])}).save_to_disk(str(tmp_path / "splits"))
+    train, test = load_prompt_datasets(ScriptArguments(dataset_name=str(tmp_path / "single")))
+    assert train["prompt"] == ["a red circle", "a blue square"] and test is None  # a saved Dataset is "train"
+    splits = ScriptArguments(dataset_name=str(tmp_path / "splits"), dataset_test_split="test")
+    train, test = load_prompt_datasets(splits)
+    assert len(train) == 2 and test["prompt"] == ["a red circle"]
+    with pytest.raises(UsageError, match=r"has no split 'dev' \(it has \['test', 'train'\]\)"):
+        load_prompt_datasets(ScriptArguments(dataset_name=str(tmp_path / "splits"), dataset_train_split="dev"))

@@ -25,7 +25,9 @@ class ScriptArguments:
         default=None, metadata={"help": "Pipeline id or path. Unset: the shipped shapes-world pipeline."}
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Prompt dataset (`datasets.load_dataset` name or path). Unset: shapes world."}
+        default=None,
+        metadata={"help": "Dataset: a `datasets.load_dataset` name or path, or a `save_to_disk` folder. Unset: shapes "
+                  "world."},
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split with the training prompts."})
     dataset_test_split: str | None = field(
@@ -324,7 +326,7 @@ def build_peft_config(script_args: ScriptArguments):
 
 
 def load_prompt_datasets(script_args: ScriptArguments):
-    """(train, eval) datasets: the shapes world's prompt splits, or `datasets.load_dataset(dataset_name)`."""
+    """(train, eval) datasets: the shapes world's prompt splits, or `dataset_name`'s (`load_dataset_dict`)."""
     if script_args.dataset_name is None:
         if script_args.model is not None:
             raise UsageError(
@@ -335,11 +337,27 @@ def load_prompt_datasets(script_args: ScriptArguments):
 
         eval_ds = shapes_dataset(script_args.dataset_test_split) if script_args.dataset_test_split else None
         return shapes_dataset(script_args.dataset_train_split, balanced=script_args.balance_families), eval_ds
-    from datasets import load_dataset
-
-    data = load_dataset(script_args.dataset_name)
+    data = load_dataset_dict(script_args.dataset_name)
+    train = script_args.dataset_train_split
+    if train not in data:
+        raise UsageError(
+            f"--dataset_name {script_args.dataset_name} has no split {train!r} (it has {sorted(data)}): pass "
+            "--dataset_train_split with one of them."
+        )
     test = script_args.dataset_test_split
-    return data[script_args.dataset_train_split], (data[test] if test and test in data else None)
+    return data[train], (data[test] if test and test in data else None)
+
+
+def load_dataset_dict(name: str):
+    """`datasets.load_dataset(name)`, or `datasets.load_from_disk(name)` for a folder written by `save_to_disk` (a
+    single saved `Dataset` becomes the `"train"` split), e.g. `flow-trl dpo --pairs_from_samples`' saved pairs."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    folder = Path(name)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        data = load_from_disk(str(folder))
+        return data if isinstance(data, DatasetDict) else DatasetDict({"train": data})
+    return load_dataset(name)
 
 
 def shapes_report(trainer, script_args: ScriptArguments, tag: str) -> dict[str, float]:
