@@ -11,6 +11,9 @@ same: the scorer's thresholds moved a little, the images shifted by one pixel, b
 sent through the VAE once more (decode -> encode -> decode). Prints, for each change, the fraction of pairs whose
 order it keeps (ties count one half), the measure a learned ranker is held to. A ranker that sees the images only
 through such a change cannot be expected to beat the agreement that change leaves.
+
+With `--drm <path>` (e.g. `flow-trl drm`'s `shapes-drm/`), also the DRM's pairwise accuracy at sigma 0 on all pairs,
+on the clear ones, and on the label-stable ones: the pairs whose order every change above keeps (strictly).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=4, help="Base-model samples per held-out prompt.")
     parser.add_argument("--min_gap", type=float, default=0.25, help="Minimum shapes-score gap of a pair.")
     parser.add_argument("--clear_gap", type=float, default=0.5, help="Also report the pairs with this gap.")
+    parser.add_argument("--drm", default=None, help="A trained DRM: also its accuracy on all/clear/stable pairs.")
     args = parser.parse_args()
 
     from flow_trl.drm import sample_preference_pairs
@@ -67,6 +71,7 @@ def main() -> None:
         ("images through the VAE again", None, vae_round_trip),
     ]
     results = {"pairs": len(prompts), "clear_pairs": int(clear.sum())}
+    stable = torch.ones_like(clear)
     print(f"{len(prompts)} held-out pairs ({int(clear.sum())} with a gap >= {args.clear_gap})")
     print(f"{'change':<44}{'order kept':>12}{'clear pairs':>13}")
     for label, patch, transform in changes:
@@ -76,8 +81,24 @@ def main() -> None:
                 for side, x in images.items()
             }
         kept = (scores["chosen"] > scores["rejected"]).float() + 0.5 * (scores["chosen"] == scores["rejected"]).float()
+        stable &= scores["chosen"] > scores["rejected"]
         results[label] = {"all": round(kept.mean().item(), 4), "clear": round(kept[clear].mean().item(), 4)}
         print(f"{label:<44}{kept.mean().item():>12.3f}{kept[clear].mean().item():>13.3f}")
+    results["stable_pairs"] = int(stable.sum())
+    print(f"label-stable pairs (order kept by every change): {int(stable.sum())} of {len(prompts)}")
+    if args.drm is not None:
+        from flow_trl.drm import DRMReward
+
+        reward = DRMReward(args.drm, pipe)
+        with torch.no_grad():
+            cond = adapter.encode_prompts(prompts)
+            drm = {side: reward.score_latents(columns[f"{side}_latents"].float(), 0.0, cond).cpu()
+                   for side in ("chosen", "rejected")}
+        right = (drm["chosen"] > drm["rejected"]).float() + 0.5 * (drm["chosen"] == drm["rejected"]).float()
+        results["drm_accuracy"] = {name: round(right[mask].mean().item(), 4)
+                                   for name, mask in (("all", torch.ones_like(clear)), ("clear", clear),
+                                                      ("stable", stable), ("stable_clear", stable & clear))}
+        print(f"DRM accuracy at sigma 0: {results['drm_accuracy']}")
     print(json.dumps(results))
 
 

@@ -1,12 +1,14 @@
 """Step-wise sampling (training-free): does a DRM choosing among K SDE branches at each step raise the held-out score?
 
     flow-trl drm                                   # the DRM, in shapes-drm/
-    python benchmarks/drm_stepwise.py --drm shapes-drm --num_per_family 48 [--branches 1 4]
+    python benchmarks/drm_stepwise.py --drm shapes-drm --num_per_family 48 [--branches 1 4] [--best_of 4]
 
 Samples the held-out shapes rows (`evaluation_rows`, fixed seeds for the initial noise) with the shipped base model:
 plain ODE (Euler, the default sampler), then step-wise sampling with each K in `--branches` (K = 1 is plain SDE
-sampling with the same step and noise level). Reports the shapes score (GenEval partial credit), strict accuracy,
-the DRM score of the final latents, forwards per image, and wall time relative to ODE sampling.
+sampling with the same step and noise level), then best-of-N with each N in `--best_of`: N ODE samples per row (the
+first from the row's own noise, the others from other seeds), of which the DRM keeps the one it scores highest at
+sigma 0; N = K spends the generator forwards of K branches. Reports the shapes score (GenEval partial credit), strict
+accuracy, the DRM score of the final images, forwards per image, and wall time relative to ODE sampling.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--drm", required=True, help="Path of the trained DiffusionRewardModel.")
     parser.add_argument("--branches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--best_of", type=int, nargs="*", default=[4], help="N of DRM-picked best-of-N ODE sampling.")
     parser.add_argument("--noise_level", type=float, default=0.5)
     parser.add_argument("--step_type", default="dance_sde")
     parser.add_argument("--num_inference_steps", type=int, default=10)
@@ -42,20 +45,32 @@ def main() -> None:
     sigmas = sigma_grid(args.num_inference_steps, adapter.scheduler_shift)
     res = adapter.default_resolution
 
-    def sample(k: int | None) -> dict:
+    def initial_noise(sub: list[dict], offset: int = 0) -> torch.Tensor:
+        return torch.cat(
+            [
+                adapter.initial_noise(1, res, res, torch.Generator().manual_seed(r["seed"] + offset), torch.float32)
+                for r in sub
+            ]
+        )
+
+    def sample(k: int | None, best_of: int | None = None) -> dict:
         latents, elapsed, forwards = [], 0.0, (args.num_inference_steps, 0)
         for i in range(0, len(rows), args.batch_size):
             sub = rows[i : i + args.batch_size]
             cond = adapter.encode_prompts([r["prompt"] for r in sub])
-            noise = torch.cat(
-                [
-                    adapter.initial_noise(1, res, res, torch.Generator().manual_seed(r["seed"]), torch.float32)
-                    for r in sub
-                ]
-            )
+            noise = initial_noise(sub)
             velocity = lambda x, s: adapter.velocity(adapter.transformer, x, s, cond)  # noqa: B023, E731
             start = time.perf_counter()
-            if k is None:
+            if best_of is not None:  # candidate j of row r is row j * len(sub) + r
+                cond_n = adapter.encode_prompts([r["prompt"] for r in sub] * best_of)
+                noise_n = torch.cat([noise] + [initial_noise(sub, 10**6 * j) for j in range(1, best_of)])
+                candidates = rollout(lambda x, s: adapter.velocity(adapter.transformer, x, s, cond_n),  # noqa: B023
+                                     noise_n, sigmas).latents
+                scores = reward.score_latents(candidates, 0.0, cond_n).view(best_of, len(sub))
+                picks = scores.argmax(dim=0) * len(sub) + torch.arange(len(sub))
+                latents.append(candidates[picks])
+                forwards = (best_of * args.num_inference_steps, best_of)
+            elif k is None:
                 latents.append(rollout(velocity, noise, sigmas).latents)
             else:
                 out = stepwise_sample(
@@ -89,6 +104,8 @@ def main() -> None:
     results = {"ode": sample(None)}
     for k in args.branches:
         results[f"stepwise_k{k}"] = sample(k)
+    for n in args.best_of:
+        results[f"best_of_{n}"] = sample(None, best_of=n)
     base = results["ode"]["seconds_per_image"]
     for value in results.values():
         value["wall_time_vs_ode"] = round(value["seconds_per_image"] / base, 2)
