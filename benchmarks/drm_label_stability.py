@@ -88,16 +88,23 @@ def main() -> None:
     print(f"label-stable pairs (order kept by every change): {int(stable.sum())} of {len(prompts)}")
     if args.drm is not None:
         from flow_trl.drm import DRMReward
+        from flow_trl.models import index_conditioning
 
         reward = DRMReward(args.drm, pipe)
         with torch.no_grad():
             cond = adapter.encode_prompts(prompts)
-            drm = {side: reward.score_latents(columns[f"{side}_latents"].float(), 0.0, cond).cpu()
-                   for side in ("chosen", "rejected")}
+            drm = {
+                side: torch.cat([
+                    reward.score_latents(latents, 0.0, index_conditioning(cond, rows)).cpu()
+                    for latents, rows in zip(columns[f"{side}_latents"].float().split(64),
+                                             torch.arange(len(prompts)).split(64))
+                ])
+                for side in ("chosen", "rejected")
+            }
         right = (drm["chosen"] > drm["rejected"]).float() + 0.5 * (drm["chosen"] == drm["rejected"]).float()
-        results["drm_accuracy"] = {name: round(right[mask].mean().item(), 4)
-                                   for name, mask in (("all", torch.ones_like(clear)), ("clear", clear),
-                                                      ("stable", stable), ("stable_clear", stable & clear))}
+        masks = {"all": torch.ones_like(clear), "clear": clear, "stable": stable, "stable_clear": stable & clear}
+        results["drm_accuracy"] = {name: round(right[mask].mean().item(), 4) if mask.any() else None
+                                   for name, mask in masks.items()}
         print(f"DRM accuracy at sigma 0: {results['drm_accuracy']}")
     print(json.dumps(results))
 

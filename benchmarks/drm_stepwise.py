@@ -7,8 +7,10 @@ Samples the held-out shapes rows (`evaluation_rows`, fixed seeds for the initial
 plain ODE (Euler, the default sampler), then step-wise sampling with each K in `--branches` (K = 1 is plain SDE
 sampling with the same step and noise level), then best-of-N with each N in `--best_of`: N ODE samples per row (the
 first from the row's own noise, the others from other seeds), of which the DRM keeps the one it scores highest at
-sigma 0; N = K spends the generator forwards of K branches. Reports the shapes score (GenEval partial credit), strict
-accuracy, the DRM score of the final images, forwards per image, and wall time relative to ODE sampling.
+sigma 0. Costs per image with n steps: ODE n generator forwards; step-wise K branches n generator forwards (the
+branches share each step's velocity) and K (n - 1) DRM forwards; best-of-N N n generator and N DRM forwards.
+Reports the shapes score (GenEval partial credit), strict accuracy, the DRM score of the final images, forwards per
+image, and wall time relative to ODE sampling.
 """
 
 from __future__ import annotations
@@ -60,14 +62,15 @@ def main() -> None:
             cond = adapter.encode_prompts([r["prompt"] for r in sub])
             noise = initial_noise(sub)
             velocity = lambda x, s: adapter.velocity(adapter.transformer, x, s, cond)  # noqa: B023, E731
-            start = time.perf_counter()
             if best_of is not None:  # candidate j of row r is row j * len(sub) + r
                 cond_n = adapter.encode_prompts([r["prompt"] for r in sub] * best_of)
                 noise_n = torch.cat([noise] + [initial_noise(sub, 10**6 * j) for j in range(1, best_of)])
+            start = time.perf_counter()
+            if best_of is not None:
                 candidates = rollout(lambda x, s: adapter.velocity(adapter.transformer, x, s, cond_n),  # noqa: B023
                                      noise_n, sigmas).latents
                 scores = reward.score_latents(candidates, 0.0, cond_n).view(best_of, len(sub))
-                picks = scores.argmax(dim=0) * len(sub) + torch.arange(len(sub))
+                picks = scores.argmax(dim=0) * len(sub) + torch.arange(len(sub), device=scores.device)
                 latents.append(candidates[picks])
                 forwards = (best_of * args.num_inference_steps, best_of)
             elif k is None:

@@ -193,13 +193,14 @@ def best_worst_pairs(
     the lowest (loser), then, with `pairs_per_group` k > 1, the second highest against the second lowest, and so on
     to the k-th.
 
-    NaN rewards are ignored; ties go to the earliest sample. A pair whose winner's reward does not exceed its loser's
-    (equal rewards, or too few finite rewards in the group) is invalid: it carries no preference.
+    Non-finite (NaN, infinite) rewards are ignored; ties go to the earliest sample. A pair whose winner's reward does
+    not exceed its loser's (equal rewards, or too few finite rewards in the group) is invalid: it carries no
+    preference, and only such a pair can share an image with another.
 
     Args:
         rewards (`Tensor`): `[N]` rewards in contiguous groups of `num_generations`.
         num_generations (`int`): group size G.
-        pairs_per_group (`int`, defaults to `1`): k, at most G // 2, so that no image is in two pairs.
+        pairs_per_group (`int`, defaults to `1`): k, at most G // 2, so that no image is in two valid pairs.
 
     Returns:
         `tuple[Tensor, Tensor, Tensor]`: winner indices `[N / G * k]`, loser indices `[N / G * k]` (into the N

@@ -138,6 +138,11 @@ def test_online_pairs_per_group_match_ranks(tmp_path):
     assert inputs["valid"].tolist() == [True, True, False, False]
     with pytest.raises(ValueError, match="pairs_per_group \\(3\\) must be between 1 and num_generations // 2 \\(2\\)"):
         dpo_config(tmp_path, num_generations=4, pairs_per_group=3)
+    with pytest.raises(ValueError, match="pairs_per_group must be at least 1; got 0"):
+        dpo_config(tmp_path, pairs_per_group=0)
+    with pytest.raises(ValueError, match="pairs_per_group applies to online DPO"):
+        FlowDPOTrainer(MODEL, args=dpo_config(tmp_path, pairs_per_group=2, num_generations=None),
+                       train_dataset=shapes_preference_dataset("train").select(range(4)))
 
 
 def test_online_dpo_needs_groups_of_two(tmp_path):

@@ -55,6 +55,7 @@ class DPOTrainerScript(TrainerScript):
         from ..preference import sample_preference_pairs
         from ..trainer import FlowDPOTrainer
 
+        self.prepare(script_args, training_args)
         if not script_args.pairs_from_samples:
             return run_training(FlowDPOTrainer, script_args, training_args)
         sampler = build_trainer(FlowDPOTrainer, script_args, training_args)  # online: the prompts and the rewards

@@ -26,6 +26,7 @@ from .utils import (
     build_peft_config,
     check_at_least,
     check_resume_checkpoint,
+    load_dataset_splits,
     quiet_loading,
     resume_argument,
 )
@@ -97,7 +98,7 @@ def counting_progress(reward_funcs, bar):
 
 
 def load_pair_datasets(script_args: DRMScriptArguments, pipe, disable_tqdm: bool = False):
-    """(train, eval) preference datasets: pairs from the base model's shapes samples, or `load_dataset`."""
+    """(train, eval) preference datasets: pairs from the base model's shapes samples, or `--dataset_name`'s splits."""
     if script_args.dataset_name is None:
         from tqdm.auto import tqdm
 
@@ -122,11 +123,7 @@ def load_pair_datasets(script_args: DRMScriptArguments, pipe, disable_tqdm: bool
         test = script_args.dataset_test_split
         train = pairs(script_args.dataset_train_split, 0, script_args.cross_prompt_samples)
         return train, (pairs(test, 10**6) if test else None)
-    from datasets import load_dataset
-
-    data = load_dataset(script_args.dataset_name)
-    test = script_args.dataset_test_split
-    return data[script_args.dataset_train_split], (data[test] if test and test in data else None)
+    return load_dataset_splits(script_args)
 
 
 def check_script_args(script_args: DRMScriptArguments) -> None:
@@ -180,6 +177,7 @@ class DRMScript(TrainerScript):
     """`flow-trl drm`: pairs are built (shapes world) or loaded before the DRM is trained."""
 
     def main(self, script_args: DRMScriptArguments, training_args) -> dict[str, Any]:
+        self.prepare(script_args, training_args)
         return main(script_args, training_args)
 
 

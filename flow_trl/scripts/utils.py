@@ -337,6 +337,11 @@ def load_prompt_datasets(script_args: ScriptArguments):
 
         eval_ds = shapes_dataset(script_args.dataset_test_split) if script_args.dataset_test_split else None
         return shapes_dataset(script_args.dataset_train_split, balanced=script_args.balance_families), eval_ds
+    return load_dataset_splits(script_args)
+
+
+def load_dataset_splits(script_args: ScriptArguments):
+    """(train, eval) splits of `--dataset_name` (`load_dataset_dict`); the eval split is None when absent."""
     data = load_dataset_dict(script_args.dataset_name)
     train = script_args.dataset_train_split
     if train not in data:

@@ -83,6 +83,8 @@ class FlowDPOConfig(NormGuardArguments, FlowRLConfig):
     )
 
     def __post_init__(self):
+        if self.pairs_per_group < 1:  # before the group checks, which bound it above only when online
+            raise ValueError(f"pairs_per_group must be at least 1; got {self.pairs_per_group}.")
         super().__post_init__()
         check_positive("dpo_beta", self.dpo_beta)
         if self.num_train_timesteps < 1:

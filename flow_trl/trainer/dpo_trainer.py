@@ -129,6 +129,11 @@ class FlowDPOTrainer(NormGuardMixin, FlowRLTrainer):
         if self.offline:
             check_preference_dataset(train_dataset)
         if isinstance(args, FlowDPOConfig):  # anything else is refused by FlowRLTrainer with a clear message
+            if self.offline and args.pairs_per_group != 1:
+                raise ValueError(
+                    "pairs_per_group applies to online DPO (pairs from the trainer's own groups); an offline "
+                    "preference dataset already gives its pairs: leave pairs_per_group at 1."
+                )
             if not self.offline:
                 args.use_online_defaults()
             # the DPO reference: the base model, or a lagged copy of the policy refreshed every ref_update_steps
