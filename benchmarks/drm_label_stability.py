@@ -105,7 +105,8 @@ def main() -> None:
         masks = {"all": torch.ones_like(clear), "clear": clear, "stable": stable, "stable_clear": stable & clear}
         results["drm_accuracy"] = {name: round(right[mask].mean().item(), 4) if mask.any() else None
                                    for name, mask in masks.items()}
-        print(f"DRM accuracy at sigma 0: {results['drm_accuracy']}")
+        print(f"DRM accuracy at sigma 0: {results['drm_accuracy']} (pairs: "
+              f"{ {name: int(mask.sum()) for name, mask in masks.items()} })")
     print(json.dumps(results))
 
 
