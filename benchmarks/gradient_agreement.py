@@ -23,7 +23,7 @@ import torch
 
 def half(inputs: dict[str, Any], rows: torch.Tensor, n: int) -> dict[str, Any]:
     """The rows `rows` of every per-sample entry of a rollout's training inputs (tensors and conditionings whose
-    first dimension is the batch size `n`)."""
+    first dimension is the batch size `n`: images, or DPO's preference pairs)."""
     out = {}
     for key, value in inputs.items():
         if isinstance(value, dict):
@@ -71,13 +71,13 @@ def main() -> None:
         trainer.state.global_step = r
         rows = next(batches)
         inputs = trainer._generate_and_score(rows)
-        n = len(rows)
-        groups = torch.arange(n) // group
+        n = inputs["latents"].shape[0]  # images, or DPO's pairs (the same number per prompt group)
+        groups = torch.arange(n) // (n // (len(rows) // group))
         g_a = flat_gradient(trainer, half(inputs, torch.nonzero(groups % 2 == 0).flatten(), n))
         g_b = flat_gradient(trainer, half(inputs, torch.nonzero(groups % 2 == 1).flatten(), n))
         cos = torch.nn.functional.cosine_similarity(g_a, g_b, dim=0).item()
         cosines.append(cos)
-        rewards.append(inputs["rewards"].float().mean().item())
+        rewards.append(trainer._metrics["train"]["reward"][-1])
         print(f"rollout {r}: reward {rewards[-1]:.3f}  cos {cos:+.4f}  |g_a| {g_a.norm():.3e}  |g_b| {g_b.norm():.3e}")
     mean = sum(cosines) / len(cosines)
     sem = torch.tensor(cosines).std().item() / len(cosines) ** 0.5 if len(cosines) > 1 else float("nan")

@@ -113,7 +113,7 @@ def main() -> None:
     flags = [f for f in flags if f != "--"]
     output_dir = args.output_dir or f"runs/{args.trainer}-curve"
 
-    from flow_trl.scripts.utils import build_trainer, parse_with_shapes_defaults, quiet_start, run_training
+    from flow_trl.scripts.utils import parse_with_shapes_defaults, quiet_start, run_training
 
     quiet_start()
 
@@ -124,8 +124,7 @@ def main() -> None:
     if script_args.model is not None:
         raise ValueError("The held-out curve is the shapes world's; run it without --model.")
     trainer_class = getattr(importlib.import_module("flow_trl.trainer"), script.trainer_class)
-    script.prepare(script_args, training_args)  # e.g. opd: the shapes world's teachers
-    trainer = build_trainer(trainer_class, script_args, training_args)
+    trainer = script.build(script_args, training_args)  # e.g. opd's teachers, dpo's pairs from samples
     curve = HeldOutCurve(trainer, script_args, args.every)
     trainer.add_callback(curve)
     side = SideEMAs(trainer, script_args, args.side_ema_decays) if args.side_ema_decays else None

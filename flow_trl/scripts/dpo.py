@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .utils import SHAPES_COMMON_DEFAULTS, ScriptArguments, TrainerScript, build_trainer, run_training
+from .utils import SHAPES_COMMON_DEFAULTS, ScriptArguments, TrainerScript, build_trainer
 
 
 # The shapes-world recipe (online; measured figures: docs/benchmarks.md): every linear layer's weight of the tiny
@@ -51,18 +51,19 @@ class DPOScriptArguments(ScriptArguments):
 class DPOTrainerScript(TrainerScript):
     """`flow-trl dpo`: online, offline on a preference dataset, or offline on pairs of the model's own samples."""
 
-    def main(self, script_args: DPOScriptArguments, training_args) -> dict[str, Any]:
+    def build(self, script_args: DPOScriptArguments, training_args):
+        """Online (or on a preference --dataset_name): the default. With --pairs_from_samples, sample the pairs
+        with the untrained model first, save them, and build the trainer on them."""
         from ..preference import sample_preference_pairs
         from ..trainer import FlowDPOTrainer
 
-        self.prepare(script_args, training_args)
+        trainer = super().build(script_args, training_args)  # online: the prompts and the rewards
         if not script_args.pairs_from_samples:
-            return run_training(FlowDPOTrainer, script_args, training_args)
-        sampler = build_trainer(FlowDPOTrainer, script_args, training_args)  # online: the prompts and the rewards
-        pairs = sample_preference_pairs(sampler, sampler.train_dataset, script_args.pairs_from_samples,
+            return trainer
+        pairs = sample_preference_pairs(trainer, trainer.train_dataset, script_args.pairs_from_samples,
                                         batch_size=training_args.per_device_train_batch_size,
                                         min_margin=script_args.pairs_min_margin, seed=training_args.seed)
-        del sampler
+        del trainer
         if len(pairs) == 0:
             raise ValueError(
                 "No preference pair: every prompt's samples tie on the rewards (within --pairs_min_margin). Raise "
@@ -73,8 +74,7 @@ class DPOTrainerScript(TrainerScript):
               f"(mean reward gap {gap:.3f})")
         trainer = build_trainer(FlowDPOTrainer, script_args, training_args, train_dataset=pairs)
         pairs.save_to_disk(str(Path(training_args.output_dir) / "preference_pairs"))
-        return run_training(FlowDPOTrainer, script_args, training_args, trainer=trainer)
-
+        return trainer
 
 SCRIPT = DPOTrainerScript("dpo", "FlowDPOTrainer", "FlowDPOConfig", SHAPES_DPO_DEFAULTS, DPOScriptArguments)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli

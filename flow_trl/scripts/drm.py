@@ -177,7 +177,6 @@ class DRMScript(TrainerScript):
     """`flow-trl drm`: pairs are built (shapes world) or loaded before the DRM is trained."""
 
     def main(self, script_args: DRMScriptArguments, training_args) -> dict[str, Any]:
-        self.prepare(script_args, training_args)
         return main(script_args, training_args)
 
 

@@ -27,7 +27,6 @@ from .utils import (
     ScriptArguments,
     TrainerScript,
     build_peft_config,
-    check_resume_checkpoint,
     quiet_loading,
 )
 
@@ -120,7 +119,6 @@ class OPDTrainerScript(TrainerScript):
 
     def prepare(self, script_args: OPDScriptArguments, training_args) -> None:
         """On the shapes world with no `--teachers`, resolve (or, with `--train_teachers`, train) the teachers."""
-        check_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before the teachers
         if script_args.model is None and not training_args.teachers:
             training_args.teachers = shapes_teachers(script_args, training_args)
 

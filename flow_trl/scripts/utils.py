@@ -478,13 +478,22 @@ class TrainerScript:
 
     def prepare(self, script_args: ScriptArguments, training_args) -> None:
         """Complete the arguments before the trainer is built (e.g. `flow-trl opd` resolves or trains the shapes
-        world's teachers); nothing by default. Harnesses that build the trainer themselves call it too."""
+        world's teachers); nothing by default."""
+
+    def build(self, script_args: ScriptArguments, training_args):
+        """The trainer the command trains, ready for `run_training`: `prepare`, then the trainer on the flags' data.
+        Harnesses that add callbacks (benchmarks/heldout_curve.py) build it here, so their run is the command's."""
+        from .. import trainer
+
+        check_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before any work
+        self.prepare(script_args, training_args)
+        return build_trainer(getattr(trainer, self.trainer_class), script_args, training_args)
 
     def main(self, script_args: ScriptArguments, training_args) -> dict[str, Any]:
         from .. import trainer
 
-        self.prepare(script_args, training_args)
-        return run_training(getattr(trainer, self.trainer_class), script_args, training_args)
+        return run_training(getattr(trainer, self.trainer_class), script_args, training_args,
+                            trainer=self.build(script_args, training_args))
 
     @exit_on_usage_error
     def cli(self, argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
