@@ -123,14 +123,13 @@ def main() -> None:
     )
     if script_args.model is not None:
         raise ValueError("The held-out curve is the shapes world's; run it without --model.")
-    trainer_class = getattr(importlib.import_module("flow_trl.trainer"), script.trainer_class)
     trainer = script.build(script_args, training_args)  # e.g. opd's teachers, dpo's pairs from samples
     curve = HeldOutCurve(trainer, script_args, args.every)
     trainer.add_callback(curve)
     side = SideEMAs(trainer, script_args, args.side_ema_decays) if args.side_ema_decays else None
     if side is not None:
         trainer.add_callback(side)
-    report = run_training(trainer_class, script_args, training_args, trainer=trainer)
+    report = run_training(trainer, script_args, training_args)
 
     before = report["before"]["score"]
     print(f"\n{'step':>6}{'training min':>14}{'score':>8}{'gain':>8}{'strict':>8}{'quality':>9}")

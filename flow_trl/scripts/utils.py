@@ -419,16 +419,13 @@ def build_trainer(trainer_class, script_args: ScriptArguments, training_args, tr
         )
 
 
-def run_training(trainer_class, script_args: ScriptArguments, training_args, trainer=None) -> dict[str, Any]:
-    """Train `trainer_class` as the flags say; on the shapes world, report the held-out score before and after.
+def run_training(trainer, script_args: ScriptArguments, training_args) -> dict[str, Any]:
+    """Train `trainer` (as `TrainerScript.build` made it), save, card and push as the flags say; on the shapes
+    world, report the held-out score before and after.
 
-    `trainer`: an instance `build_trainer` made (e.g. with extra callbacks) to use instead of a new one. Returns
-    ``{"before", "after"}`` shapes metrics (shapes world only) and the trainer's ``log_history``.
+    Returns ``{"before", "after"}`` shapes metrics (shapes world only) and the trainer's ``log_history``.
     """
     shapes = script_args.model is None
-    check_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before loading
-    if trainer is None:
-        trainer = build_trainer(trainer_class, script_args, training_args)
     resume = check_run_outputs(trainer, resume_argument(training_args.resume_from_checkpoint))
     report: dict[str, Any] = {}
     if shapes and trainer.is_world_process_zero():
@@ -490,10 +487,7 @@ class TrainerScript:
         return build_trainer(getattr(trainer, self.trainer_class), script_args, training_args)
 
     def main(self, script_args: ScriptArguments, training_args) -> dict[str, Any]:
-        from .. import trainer
-
-        return run_training(getattr(trainer, self.trainer_class), script_args, training_args,
-                            trainer=self.build(script_args, training_args))
+        return run_training(self.build(script_args, training_args), script_args, training_args)
 
     @exit_on_usage_error
     def cli(self, argv: list[str] | None = None, prog: str | None = None) -> dict[str, Any]:
