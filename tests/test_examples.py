@@ -159,3 +159,21 @@ def test_dpo_trains_offline_on_pairs_of_its_own_samples(tmp_path, monkeypatch):
     assert 4 <= len(pairs) <= 16 and set(pairs.column_names) >= {"prompt", "chosen", "rejected"}
     assert all(c > r for c, r in zip(pairs["chosen_reward"], pairs["rejected_reward"]))
     assert (out / "shapes_eval.json").is_file()
+
+
+def test_heldout_curve_runs_the_command_it_names(tmp_path, monkeypatch):
+    """benchmarks/heldout_curve.py builds the trainer as the command does (here offline DPO on pairs of its own
+    samples, which sample before the trainer exists) and scores the held-out rows after the step it is told."""
+    import flow_trl.toy.world as world
+
+    rows = {split: world.split_prompts(split)[:16] for split in ("train", "test")}
+    monkeypatch.setattr(world, "split_prompts", lambda split: rows[split])
+    out = tmp_path / "curve"
+    script = Path(__file__).parents[1] / "benchmarks" / "heldout_curve.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--trainer", "dpo", "--every", "1", "--output_dir", str(out), "--",
+                                      *TINY, *EXTRA["dpo"], "--pairs_from_samples", "4"])
+    runpy.run_path(str(script), run_name="__main__")
+    curve = json.loads((out / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [1]
+    assert curve["points"][0]["score"] == pytest.approx(curve["after"]["score"])  # the same policy, the same rows
+    assert (out / "preference_pairs").is_dir() and (out / "heldout_curve.png").is_file()
