@@ -6,7 +6,7 @@
     flow-trl dance_grpo (alias grpo)        # GRPO on SDE rollouts (DanceGRPO, Flow-GRPO, SLAS)
     flow-trl drm                            # train a diffusion-based reward model (DRM) on preference pairs
     flow-trl step_grpo                      # Step-wise GRPO: per-step advantages from a DRM
-    flow-trl opd --train_teachers           # Flow-OPD: distil task teachers (LoRAs) into one student
+    flow-trl opd                            # Flow-OPD: distil task teachers (LoRAs) into one student
     flow-trl evaluate                       # score the shipped shapes pipeline on held-out prompts
     flow-trl evaluate --lora my-run/        # ... with a diffusers-format LoRA loaded on top
     flow-trl diagnose --lora my-run/        # NormGuard diagnostics: norm profile, renormalisation, S(t)

@@ -26,7 +26,7 @@ EXTRA = {
     "dpo": ["--num_train_timesteps", "1"],
     "grpo": [],
     "step_grpo": [],  # + the tiny DRM of the `tiny_drm` fixture
-    "opd": ["--train_teachers", "true", "--teacher_max_steps", "1"],  # tiny teachers in output_dir
+    "opd": ["--teacher_max_steps", "1"],  # tiny teachers, trained into output_dir
 }
 DRM_FLAGS = ["--max_steps", "1", "--num_samples", "4", "--min_gap", "0.01", "--num_blocks", "1",
              "--per_device_train_batch_size", "4"]

@@ -269,7 +269,7 @@ def test_shapes_command_without_teachers_says_how_to_train_them(tmp_path, capsys
     from flow_trl.scripts.opd import cli
 
     with pytest.raises(SystemExit) as exit_info:
-        cli(["--output_dir", str(tmp_path)])
+        cli(["--output_dir", str(tmp_path), "--train_teachers", "false"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert error.startswith("flow-trl: error: No shapes-world teacher") and "--train_teachers" in error
+    assert error.startswith("flow-trl: error: No shapes-world teacher") and "--teacher_dir" in error

@@ -151,7 +151,7 @@ USER_ERRORS = {
                                         "no checkpoint-<step> folder in"),
     "output_dir_of_previous_run": (lambda t: ["nft", *TINY, "--output_dir", previous_run(t)],
                                    "already holds the outputs of another run"),
-    "opd_missing_teachers": (lambda t: ["opd", "--output_dir", str(t)], "No shapes-world teacher 'objects'"),
+    "opd_missing_teachers": (lambda t: ["opd", "--output_dir", str(t), "--train_teachers", "false"], "No shapes-world teacher 'objects'"),
     "evaluate_zero_per_family": (lambda t: ["evaluate", "--num_per_family", "0"],
                                  "--num_per_family must be at least 1"),
     "evaluate_missing_lora": (lambda t: ["evaluate", "--lora", str(t / "nope")], "no such file or directory"),

@@ -2,7 +2,7 @@
 `flow-trl opd`).
 
     # the shapes world, CPU: train the two teachers (objects, attributes) into shapes-opd/teachers, then the student
-    python examples/scripts/opd.py --train_teachers
+    python examples/scripts/opd.py
 
     # a real model: teachers are LoRAs of the same base (e.g. single-reward GRPO runs), routed by a dataset column
     accelerate launch examples/scripts/opd.py \

@@ -9,9 +9,9 @@ dataset column `--task_column`. With a model:
 
 With no `--model`, the shapes world: two teachers, one on the object families (single_object, two_object,
 counting) and one on the attribute families (colors, position, color_attr), read from `--teacher_dir`
-(`<output_dir>/teachers` by default). `--train_teachers` first trains the missing ones there with `flow-trl nft`'s
-LoRA recipe (`SHAPES_NFT_LORA_RECIPE`) on their families (`--teacher_max_steps` steps each); without it, missing
-teachers are an error.
+(`<output_dir>/teachers` by default). Missing ones are first trained there with `flow-trl nft`'s LoRA recipe
+(`SHAPES_NFT_LORA_RECIPE`) on their families (`--teacher_max_steps` steps each); with `--train_teachers false`,
+missing teachers are an error.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ class OPDScriptArguments(ScriptArguments):
         metadata={"help": "Shapes world: folder of the teachers (one subfolder each); <output_dir>/teachers."},
     )
     train_teachers: bool = field(
-        default=False, metadata={"help": "Shapes world: train the missing teachers first (flow-trl nft's recipe)."}
+        default=True,
+        metadata={"help": "Shapes world: train the teachers missing from --teacher_dir first (flow-trl nft's LoRA "
+                  "recipe, --teacher_max_steps steps each; found ones are reused). false: missing ones are an error."},
     )
     teacher_max_steps: int = field(default=100, metadata={"help": "Shapes world: optimizer steps per teacher."})
 
@@ -97,7 +99,7 @@ def train_shapes_teacher(
 
 
 def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str, str]:
-    """`{family: teacher folder}` of the shapes world, training the missing teachers with `--train_teachers`."""
+    """`{family: teacher folder}` of the shapes world, training the missing ones (`--train_teachers`)."""
     root = Path(script_args.teacher_dir or Path(training_args.output_dir) / "teachers")
     teachers = {}
     for name, families in SHAPES_TEACHER_FAMILIES.items():
@@ -105,8 +107,8 @@ def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str,
         if not (folder / "pytorch_lora_weights.safetensors").is_file():
             if not script_args.train_teachers:
                 raise UsageError(
-                    f"No shapes-world teacher {name!r} in {folder}. Train the teachers first with `flow-trl opd "
-                    "--train_teachers` (flow-trl nft's recipe on each teacher's families, --teacher_max_steps "
+                    f"No shapes-world teacher {name!r} in {folder}. Let `flow-trl opd` train the teachers (drop "
+                    "--train_teachers false: flow-trl nft's recipe on each teacher's families, --teacher_max_steps "
                     "steps), point --teacher_dir to existing ones, or pass --teachers family=path for every family."
                 )
             train_shapes_teacher(families, folder, script_args, training_args, script_args.teacher_max_steps)
@@ -118,7 +120,7 @@ class OPDTrainerScript(TrainerScript):
     """`flow-trl opd`: the shapes world's teachers are resolved (or trained) before the student."""
 
     def prepare(self, script_args: OPDScriptArguments, training_args) -> None:
-        """On the shapes world with no `--teachers`, resolve (or, with `--train_teachers`, train) the teachers."""
+        """On the shapes world with no `--teachers`, resolve the teachers (training missing ones)."""
         if script_args.model is None and not training_args.teachers:
             training_args.teachers = shapes_teachers(script_args, training_args)
 

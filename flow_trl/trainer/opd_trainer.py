@@ -123,7 +123,7 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
             raise ValueError(
                 "FlowOPDTrainer needs teachers: pass `teachers={task: lora_path}` or set `teachers` in the config "
                 "(`--teachers task=path ...`). Train one LoRA per task first (e.g. `flow-trl grpo` on that task's "
-                "prompts; on the shapes world `flow-trl opd --train_teachers` does it)."
+                "prompts; on the shapes world `flow-trl opd` does it)."
             )
         if peft_config is None:
             raise ValueError(
