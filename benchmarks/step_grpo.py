@@ -4,8 +4,9 @@
     python benchmarks/step_grpo.py --drm shapes-drm --seeds 0 1 2 [--max_steps 60] [--eval_steps 15]
     python benchmarks/step_grpo.py --merge runs/a/results.json runs/b/results.json --plot out.png  # seeds apart
 
-Both runs are `flow-trl dance_grpo`'s shapes recipe (LoRA r16, 32 images per step, 8 per prompt, 10 steps, Dance-SDE
-eta 0.3, clip 1e-3, `timestep_fraction` 0.4: 4 of the 9 stochastic transitions per sample) at `--learning_rate`. GRPO's
+Both runs are `flow-trl dance_grpo`'s shapes recipe (`SHAPES_GRPO_DEFAULTS` and the command's LoRA: r16, lr 3e-3,
+32 images per step, 8 per prompt, 10 steps, Dance-SDE eta 0.3, clip 1e-3, `timestep_fraction` 0.4: 4 of the 9
+stochastic transitions per sample; `--learning_rate` overrides the lr). GRPO's
 reward is the DRM on the final images (terminal); Step-GRPO's advantages come from the DRM on every stored state
 (`--step_advantage`) and its terminal reward is logged only. The shapes score is a zero-weight second reward (logged,
 evaluated). Both are evaluated on the 177 held-out prompts (ODE, fixed seeds) before training and every `--eval_steps`.
@@ -23,11 +24,11 @@ from pathlib import Path
 
 def run(method: str, seed: int, args, out: Path) -> dict:
     import torch
-    from peft import LoraConfig
 
     from flow_trl import DanceGRPOConfig, DanceGRPOTrainer, StepGRPOConfig, StepGRPOTrainer
     from flow_trl.drm import DRMReward
     from flow_trl.scripts.grpo import SHAPES_GRPO_DEFAULTS
+    from flow_trl.scripts.utils import ScriptArguments, build_peft_config
     from flow_trl.toy import load_shapes_pipeline, shapes_dataset
 
     torch.set_num_threads(args.threads)
@@ -38,7 +39,7 @@ def run(method: str, seed: int, args, out: Path) -> dict:
         output_dir=str(out / f"{method}-seed{seed}"),
         seed=seed,
         max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
+        learning_rate=args.learning_rate or recipe["learning_rate"],
         logging_steps=5,
         eval_strategy="steps",
         eval_steps=args.eval_steps,
@@ -50,7 +51,7 @@ def run(method: str, seed: int, args, out: Path) -> dict:
         reward_funcs=rewards,
         train_dataset=shapes_dataset("train"),
         eval_dataset=shapes_dataset("test"),
-        peft_config=LoraConfig(r=16, lora_alpha=32, init_lora_weights="gaussian"),
+        peft_config=build_peft_config(ScriptArguments()),  # the command's default LoRA
     )
     if method == "grpo":
         trainer = DanceGRPOTrainer(pipe, args=DanceGRPOConfig(**common), **kwargs)
@@ -130,7 +131,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=60)
     parser.add_argument("--eval_steps", type=int, default=15)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--learning_rate", type=float, default=None, help="Default: the GRPO recipe's.")
     parser.add_argument("--step_advantage", default="score")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default="runs/step-grpo")
