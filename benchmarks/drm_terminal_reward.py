@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+
 _reward = None
 
 
