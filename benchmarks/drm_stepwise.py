@@ -55,20 +55,23 @@ def main() -> None:
             ]
         )
 
+    def velocity_of(cond: dict):
+        """The policy's velocity field under the prompts' conditioning `cond`."""
+        return lambda x, s: adapter.velocity(adapter.transformer, x, s, cond)
+
     def sample(k: int | None, best_of: int | None = None) -> dict:
         latents, elapsed, forwards = [], 0.0, (args.num_inference_steps, 0)
         for i in range(0, len(rows), args.batch_size):
             sub = rows[i : i + args.batch_size]
             cond = adapter.encode_prompts([r["prompt"] for r in sub])
             noise = initial_noise(sub)
-            velocity = lambda x, s: adapter.velocity(adapter.transformer, x, s, cond)  # noqa: B023, E731
+            velocity = velocity_of(cond)
             if best_of is not None:  # candidate j of row r is row j * len(sub) + r
                 cond_n = adapter.encode_prompts([r["prompt"] for r in sub] * best_of)
                 noise_n = torch.cat([noise] + [initial_noise(sub, 10**6 * j) for j in range(1, best_of)])
             start = time.perf_counter()
             if best_of is not None:
-                candidates = rollout(lambda x, s: adapter.velocity(adapter.transformer, x, s, cond_n),  # noqa: B023
-                                     noise_n, sigmas).latents
+                candidates = rollout(velocity_of(cond_n), noise_n, sigmas).latents
                 scores = reward.score_latents(candidates, 0.0, cond_n).view(best_of, len(sub))
                 picks = scores.argmax(dim=0) * len(sub) + torch.arange(len(sub), device=scores.device)
                 latents.append(candidates[picks])
