@@ -76,6 +76,7 @@ class DPOTrainerScript(TrainerScript):
         pairs.save_to_disk(str(Path(training_args.output_dir) / "preference_pairs"))
         return trainer
 
+
 SCRIPT = DPOTrainerScript("dpo", "FlowDPOTrainer", "FlowDPOConfig", SHAPES_DPO_DEFAULTS, DPOScriptArguments)
 make_parser, main, cli = SCRIPT.make_parser, SCRIPT.main, SCRIPT.cli
 
