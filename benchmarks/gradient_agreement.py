@@ -72,7 +72,8 @@ def main() -> None:
         rows = next(batches)
         inputs = trainer._generate_and_score(rows)
         n = inputs["latents"].shape[0]  # images, or DPO's pairs (the same number per prompt group)
-        groups = torch.arange(n) // (n // (len(rows) // group))
+        num_groups = len(rows) // group
+        groups = torch.arange(n) // (n // num_groups)  # each row's prompt group
         g_a = flat_gradient(trainer, half(inputs, torch.nonzero(groups % 2 == 0).flatten(), n))
         g_b = flat_gradient(trainer, half(inputs, torch.nonzero(groups % 2 == 1).flatten(), n))
         cos = torch.nn.functional.cosine_similarity(g_a, g_b, dim=0).item()
