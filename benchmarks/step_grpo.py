@@ -4,7 +4,7 @@
     python benchmarks/step_grpo.py --drm shapes-drm --seeds 0 1 2 [--max_steps 60] [--eval_steps 15]
     python benchmarks/step_grpo.py --merge runs/a/results.json runs/b/results.json --plot out.png  # seeds apart
 
-Both runs are `flow-trl dance_grpo`'s shapes recipe (`SHAPES_GRPO_DEFAULTS` and the command's LoRA: r16, lr 3e-3,
+Both runs are `flow-trl step_grpo`'s GRPO recipe (`SHAPES_GRPO_LORA_RECIPE` and the command's LoRA: r16, lr 3e-3,
 32 images per step, 8 per prompt, 10 steps, Dance-SDE eta 0.3, clip 1e-3, `timestep_fraction` 0.4: 4 of the 9
 stochastic transitions per sample; `--learning_rate` overrides the lr). GRPO's
 reward is the DRM on the final images (terminal); Step-GRPO's advantages come from the DRM on every stored state
@@ -27,13 +27,13 @@ def run(method: str, seed: int, args, out: Path) -> dict:
 
     from flow_trl import DanceGRPOConfig, DanceGRPOTrainer, StepGRPOConfig, StepGRPOTrainer
     from flow_trl.drm import DRMReward
-    from flow_trl.scripts.grpo import SHAPES_GRPO_DEFAULTS
+    from flow_trl.scripts.grpo import SHAPES_GRPO_LORA_RECIPE
     from flow_trl.scripts.utils import ScriptArguments, build_peft_config
     from flow_trl.toy import load_shapes_pipeline, shapes_dataset
 
     torch.set_num_threads(args.threads)
     pipe = load_shapes_pipeline()
-    recipe = {k: v for k, v in SHAPES_GRPO_DEFAULTS.items() if k != "output_dir"}
+    recipe = {k: v for k, v in SHAPES_GRPO_LORA_RECIPE.items() if k != "output_dir"}
     common = dict(
         recipe,
         output_dir=str(out / f"{method}-seed{seed}"),

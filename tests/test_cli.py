@@ -13,7 +13,8 @@ TINY = ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generat
 
 @pytest.mark.parametrize("command", ["nft", "awm", "dpo", "dance_grpo"])
 def test_training_commands_on_the_shapes_world_report_before_and_after(tmp_path, capsys, monkeypatch, command):
-    extra = ["--num_train_timesteps", "1"] if command in ("awm", "dpo") else []
+    extra = {"awm": ["--num_train_timesteps", "1"], "dpo": ["--num_train_timesteps", "1"],
+             "dance_grpo": ["--sde_window_range", "0", "2"]}.get(command, [])  # the recipe's window needs 4+ steps
     assert main([command, "--output_dir", str(tmp_path), *TINY, *extra, "--logging_steps", "1"]) == 0
     report = json.loads((tmp_path / "shapes_eval.json").read_text())
     assert set(report) == {"before", "after"} and "score/position" in report["after"]
@@ -96,3 +97,21 @@ def test_dataset_name_reads_save_to_disk_folders(tmp_path):
     assert len(train) == 2 and test["prompt"] == ["a red circle"]
     with pytest.raises(UsageError, match=r"has no split 'dev' \(it has \['test', 'train'\]\)"):
         load_prompt_datasets(ScriptArguments(dataset_name=str(tmp_path / "splits"), dataset_train_split="dev"))
+
+
+def test_none_unsets_optional_flags_list_valued_ones_included(tmp_path):
+    """`flow-trl dance_grpo`'s shapes recipe sets an SDE window; `None` removes it (full-trajectory SDE), list flag
+    included, and `None` among other values is a usage error."""
+    from flow_trl.scripts.grpo import SCRIPT
+    from flow_trl.scripts.utils import parse_with_shapes_defaults
+
+    def parse(*flags):
+        return parse_with_shapes_defaults(SCRIPT.make_parser(), [*flags, "--output_dir", str(tmp_path)],
+                                          SCRIPT.shapes_defaults)[1]
+
+    assert (parse().sde_window_size, parse().sde_window_range) == (2, [0, 3])
+    args = parse("--sde_window_size", "None", "--sde_window_range", "None")
+    assert args.sde_window_size is None and args.sde_window_range is None
+    assert parse("--sde_window_range", "1", "3").sde_window_range == [1, 3]
+    with pytest.raises(UsageError, match="--sde_window_range None unsets the flag and takes no other value"):
+        parse("--sde_window_range", "None", "3")

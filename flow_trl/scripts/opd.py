@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError
-from .grpo import SHAPES_GRPO_DEFAULTS
+from .grpo import SHAPES_GRPO_LORA_RECIPE
 from .nft import SHAPES_NFT_LORA_RECIPE
 from .utils import (
     ScriptArguments,
@@ -34,7 +34,7 @@ from .utils import (
 # The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 4 of the 9 stochastic steps), Flow-OPD's SDE (flow, eta
 # 0.7), MAR 0.04 to the base model, the student starting from the mean of the teachers (docs/opd.md).
 SHAPES_OPD_DEFAULTS: dict[str, Any] = {
-    **SHAPES_GRPO_DEFAULTS,
+    **SHAPES_GRPO_LORA_RECIPE,
     "output_dir": "shapes-opd",
     "task_column": "tag",
     "cold_start": "merge",

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .grpo import SHAPES_GRPO_DEFAULTS
+from .grpo import SHAPES_GRPO_LORA_RECIPE
 from .utils import TrainerScript
 
 
 # The shapes-world recipe: GRPO's (lr 3e-3, clip 1e-3, 4 of the 9 stochastic steps), the DRM of `flow-trl drm`.
 SHAPES_STEP_GRPO_DEFAULTS: dict[str, Any] = {
-    **SHAPES_GRPO_DEFAULTS,
+    **SHAPES_GRPO_LORA_RECIPE,
     "output_dir": "shapes-step-grpo",
     "drm_model_name_or_path": "shapes-drm",
 }

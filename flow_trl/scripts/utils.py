@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,16 @@ class _CompactHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{action.option_strings[0]} {self._format_args(action, action.dest.upper())}"
 
 
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`convert`, except that the string ``None`` gives `None`."""
+
+    def parse(value: str) -> Any:
+        return None if value == "None" else convert(value)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
 class FlowTrlParser(TrlParser):
     """TRL's [`~trl.TrlParser`] (``--config file.yaml``: YAML values become defaults, flags override them; an ``env:``
     mapping sets environment variables) with stricter, friendlier handling of what users get wrong.
@@ -98,7 +109,8 @@ class FlowTrlParser(TrlParser):
     ``--config=file.yaml`` and ``--config`` anywhere among the flags work; a ``--config`` without a value is an error.
     YAML keys and values are checked like flags (an unknown key, a list for a single-valued flag or a value of the
     wrong type is an error: a typo must not be silently ignored). ``--help`` lists the common flags, ``--help-all``
-    every flag. Mistakes raise [`UsageError`] (one line for the user) rather than exiting.
+    every flag. Mistakes raise [`UsageError`] (one line for the user) rather than exiting. ``--FLAG None`` unsets an
+    optional flag, list-valued ones included (``--sde_window_size None --sde_window_range None``: no SDE window).
     """
 
     def __init__(self, dataclass_types, prog: str | None = None, **kwargs):
@@ -114,6 +126,24 @@ class FlowTrlParser(TrlParser):
             "sets environment variables.",
         )
         self._config_path: str | None = None  # the file `set_defaults_with_config` is reading, for its messages
+        # Optional list-valued flags also take `None` (HfArgumentParser accepts it for single-valued ones only).
+        nullable = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.default is None}
+        self._nullable_lists = set()
+        for action in self._actions:
+            if action.nargs in ("+", "*") and action.type is not None and action.dest in nullable:
+                action.type = _none_or(action.type)
+                self._nullable_lists.add(action.dest)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, with an optional list flag given as ``None`` unset (a `UsageError` if other values follow)."""
+        namespace, remaining = super().parse_known_args(args, namespace)
+        for dest in self._nullable_lists:
+            values = getattr(namespace, dest, None)
+            if isinstance(values, list) and None in values:
+                if values != [None]:
+                    self.error(f"--{dest} None unsets the flag and takes no other value")
+                setattr(namespace, dest, None)
+        return namespace, remaining
 
     def error(self, message: str):
         raise UsageError(f"{message} (`{self.prog} --help-all` lists every flag)")
