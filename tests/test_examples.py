@@ -24,7 +24,7 @@ EXTRA = {
     "nft": [],
     "awm": ["--num_train_timesteps", "1"],
     "dpo": ["--num_train_timesteps", "1"],
-    "grpo": [],
+    "grpo": ["--sde_window_size", "1", "--sde_window_range", "0", "1"],  # the recipe's window needs 4+ steps
     "step_grpo": [],  # + the tiny DRM of the `tiny_drm` fixture
     "opd": ["--teacher_max_steps", "1"],  # tiny teachers, trained into output_dir
 }
@@ -101,7 +101,10 @@ def test_shapes_config_is_the_recipe_and_runs_a_step(config, tmp_path, request):
 
     module = importlib.import_module(TRAINING_COMMANDS[command_of(config)])
     command = command_of(config)
-    recipe = getattr(module, f"SHAPES_{command.upper()}_DEFAULTS")  # what `flow-trl <command>` runs with no flags
+    # grpo_shapes.yaml: SHAPES_GRPO_DEFAULTS (what `flow-trl dance_grpo` runs with no flags); grpo_lora_shapes.yaml:
+    # SHAPES_GRPO_LORA_RECIPE
+    name = config.stem.removesuffix("_shapes").upper()
+    recipe = getattr(module, f"SHAPES_{name}_DEFAULTS", None) or getattr(module, f"SHAPES_{name}_RECIPE")
     values = yaml.safe_load(config.read_text())
     script_args, args = module.make_parser().parse_args_and_config(["--output_dir", str(tmp_path)], defaults=values)
     default_script_args, default_args = module.make_parser().parse_args_and_config(
