@@ -33,7 +33,8 @@ SHAPES_GRPO_LORA_RECIPE: dict[str, Any] = {
 # the SDE (Flow-GRPO's, eta 0.7) on a window of 2 consecutive steps among the first 3, the ODE elsewhere, both window
 # transitions trained; one initial noise per group, so a group's rewards differ only by the window's noise (the
 # update's signal); 128 images a step (the papers use 288-1152) on family-balanced prompts, 100 steps; every linear
-# layer's weight trained in full at NFT's lr, published as an exact rank-128 LoRA next to the transformer.
+# layer's weight trained in full at NFT's lr; the published weights are their moving average (Diffusion-NFT's EMA
+# 0.9, which averages out some of the last steps' noise), saved with an exact rank-128 LoRA next to the transformer.
 SHAPES_GRPO_DEFAULTS: dict[str, Any] = {
     **SHAPES_GRPO_LORA_RECIPE,
     "use_peft": False,
@@ -49,6 +50,7 @@ SHAPES_GRPO_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 128,
     "max_steps": 100,
     "balance_families": True,
+    "weight_ema_decay": 0.9,
 }
 
 
