@@ -45,6 +45,19 @@ def flat_gradient(trainer, inputs: dict[str, Any]) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
 
 
+def recipe_trainer(name: str, flags: list[str], output_dir: str):
+    """The trainer `flow-trl <name> <flags>` builds on the shapes world (its recipe, the flags on top), not trained."""
+    from flow_trl.scripts.utils import parse_with_shapes_defaults, quiet_start
+
+    quiet_start()
+    script = importlib.import_module(f"flow_trl.scripts.{name}").SCRIPT
+    script_args, training_args = parse_with_shapes_defaults(
+        script.make_parser(), [*flags, "--output_dir", output_dir, "--overwrite_output_dir", "true"],
+        script.shapes_defaults,
+    )
+    return script.build(script_args, training_args), training_args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trainer", default="grpo", choices=["nft", "awm", "dpo", "grpo"])
@@ -52,17 +65,7 @@ def main() -> None:
     args, flags = parser.parse_known_args()
     flags = [f for f in flags if f != "--"]
 
-    from flow_trl.scripts.utils import build_trainer, parse_with_shapes_defaults, quiet_start
-
-    quiet_start()
-
-    script = importlib.import_module(f"flow_trl.scripts.{args.trainer}").SCRIPT
-    script_args, training_args = parse_with_shapes_defaults(
-        script.make_parser(), [*flags, "--output_dir", "/tmp/gradient-agreement", "--overwrite_output_dir", "true"],
-        script.shapes_defaults,
-    )
-    trainer_class = getattr(importlib.import_module("flow_trl.trainer"), script.trainer_class)
-    trainer = build_trainer(trainer_class, script_args, training_args)
+    trainer, training_args = recipe_trainer(args.trainer, flags, "/tmp/gradient-agreement")
     trainer.transformer.train()
     batches = iter(trainer.get_train_dataloader())
     group = training_args.num_generations

@@ -11,7 +11,6 @@ limit) or the prompt mix's (`--balance_families`).
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import torch
 
@@ -23,16 +22,9 @@ def main() -> None:
     args, flags = parser.parse_known_args()
     flags = [f for f in flags if f != "--"]
 
-    from flow_trl.scripts.utils import build_trainer, parse_with_shapes_defaults, quiet_start
+    from gradient_agreement import recipe_trainer  # this folder is on sys.path when the script runs
 
-    quiet_start()
-    script = importlib.import_module(f"flow_trl.scripts.{args.trainer}").SCRIPT
-    script_args, training_args = parse_with_shapes_defaults(
-        script.make_parser(), [*flags, "--output_dir", "/tmp/rollout-reward", "--overwrite_output_dir", "true"],
-        script.shapes_defaults,
-    )
-    trainer_class = getattr(importlib.import_module("flow_trl.trainer"), script.trainer_class)
-    trainer = build_trainer(trainer_class, script_args, training_args)
+    trainer, _ = recipe_trainer(args.trainer, flags, "/tmp/rollout-reward")
     batches = iter(trainer.get_train_dataloader())
     rewards = []
     for r in range(args.rollouts):
