@@ -138,6 +138,71 @@ def merge_lora_adapters(
     return merged
 
 
+def lora_scale(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> float:
+    """peft's scale ``lora_alpha / r`` of a LoRA file (``alpha = r`` when its metadata has no ``lora_alpha``, as
+    diffusers assumes)."""
+    rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    saved = json.loads(metadata.get(LORA_METADATA_KEY, "{}"))
+    alpha = saved.get("transformer.lora_alpha", saved.get("lora_alpha", rank))
+    return float(alpha) / rank
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` of rank `rank` with ``lora_B @ lora_A`` the best rank-`rank` approximation of `delta`
+    (truncated SVD, Eckart-Young; exact when `rank` reaches ``min(delta.shape)``, zero-padded above it); the singular
+    values are split evenly between the factors."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, len(s))
+    root = s[:r].sqrt()
+    lora_b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+    lora_a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+    lora_b[:, :r] = u[:, :r] * root
+    lora_a[:r] = root[:, None] * vh[:r]
+    return lora_a, lora_b
+
+
+def average_lora_deltas(
+    paths: list[str | os.PathLike], rank: int, lora_alpha: float
+) -> dict[str, torch.Tensor]:
+    """The LoRA of rank `rank` and alpha `lora_alpha` whose weight change is the mean of the adapters' changes.
+
+    Each adapter's change of a module is ``(alpha_k / r_k) B_k @ A_k``; their mean is factored again by truncated SVD
+    (`low_rank_factors`), so the result is the model soup of the adapters (the average of their weights), exactly
+    when `rank` reaches each module's smaller dimension. Unlike `merge_lora_adapters` (which averages the factors, as
+    Flow-OPD's cold start does) this is meaningful for adapters whose factors come from separate decompositions, e.g.
+    full fine-tunes exported with `lora_from_weight_difference`.
+
+    Args:
+        paths: LoRA folders/files/Hub ids adapting the same modules of the same base model (ranks may differ).
+        rank: rank of the result (the adapter it initialises).
+        lora_alpha: alpha of that adapter (the factors are scaled so that its peft scale ``alpha / rank`` applies).
+
+    Returns:
+        Peft-format tensors (``<module>.lora_A.weight`` / ``lora_B.weight``, keys as in the first file).
+    """
+    if not paths:
+        raise ValueError("average_lora_deltas needs at least one LoRA path.")
+    loras = [read_lora(p) for p in paths]
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in loras[0][0]})
+    for path, (state, _) in zip(paths[1:], loras[1:]):
+        other = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+        if other != modules:
+            raise ValueError(
+                f"The LoRA {path} does not adapt the same modules as {paths[0]}: "
+                f"{sorted(set(modules) ^ set(other))[:3]} differ. Use adapters of the same base model and targets."
+            )
+    root = (rank / lora_alpha) ** 0.5  # scale * B @ A = delta with B, A each carrying 1 / sqrt(scale)
+    merged: dict[str, torch.Tensor] = {}
+    for module in modules:
+        a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        deltas = [lora_scale(state, meta) * state[b].double() @ state[a].double() for state, meta in loras]
+        lora_a, lora_b = low_rank_factors(sum(deltas) / len(deltas), rank)
+        dtype = loras[0][0][a].dtype
+        merged[f"{module}.lora_A.weight"] = (lora_a * root).to(dtype).contiguous()
+        merged[f"{module}.lora_B.weight"] = (lora_b * root).to(dtype).contiguous()
+    return merged
+
+
 def _check_same_layout(
     reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor], reference_name: str, other_name: str
 ) -> None:
@@ -238,13 +303,7 @@ def lora_from_weight_difference(
             delta = module.weight.double() - base_params[f"{name}.weight"].double()
             if not delta.any():
                 continue
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            r = min(rank, len(s))
-            root = s[:r].sqrt()
-            lora_b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
-            lora_a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
-            lora_b[:, :r] = u[:, :r] * root
-            lora_a[:r] = root[:, None] * vh[:r]
+            lora_a, lora_b = low_rank_factors(delta, rank)
             dtype = module.weight.dtype
             state[f"{name}.lora_A.weight"] = lora_a.to(dtype).contiguous()
             state[f"{name}.lora_B.weight"] = lora_b.to(dtype).contiguous()
@@ -271,9 +330,11 @@ def set_adapter_weights(transformer: nn.Module, state: dict[str, torch.Tensor], 
 
 __all__ = [
     "LORA_WEIGHTS_NAME",
+    "average_lora_deltas",
     "load_lora_adapter",
     "lora_adapter_metadata",
     "lora_from_weight_difference",
+    "low_rank_factors",
     "merge_lora_adapters",
     "read_lora",
     "set_adapter_weights",

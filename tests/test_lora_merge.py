@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from flow_trl.lora import (
     LORA_METADATA_KEY,
+    average_lora_deltas,
     load_lora_adapter,
     lora_from_weight_difference,
     merge_lora_adapters,
@@ -50,6 +51,24 @@ def test_weighted_and_sum(tmp_path):
     for key in KEYS:
         torch.testing.assert_close(weighted[key], 0.25 * a[key] + 0.75 * b[key])
         torch.testing.assert_close(summed[key], a[key] + b[key])
+
+
+def test_average_of_deltas_is_the_mean_weight_change_at_the_new_scale(tmp_path):
+    # two adapters of different ranks and scales (alpha 2 / r 2 = 1, alpha 12 / r 3 = 4)
+    a, b = write_lora(tmp_path / "a", rank=2, seed=0), write_lora(tmp_path / "b", rank=3, seed=1, alpha=12)
+    mean_delta = (1.0 * a[KEYS[1]] @ a[KEYS[0]] + 4.0 * b[KEYS[1]] @ b[KEYS[0]]) / 2  # rank <= 5 = min(5, 6)
+    # rank 5 reaches the layer's smaller dimension: exact, with the student's scale alpha / r = 10 / 5 applied
+    exact = average_lora_deltas([tmp_path / "a", tmp_path / "b"], rank=5, lora_alpha=10)
+    assert exact[KEYS[0]].shape == (5, 6) and exact[KEYS[1]].shape == (5, 5)
+    torch.testing.assert_close(2.0 * exact[KEYS[1]] @ exact[KEYS[0]], mean_delta, rtol=1e-5, atol=1e-5)
+    # rank 1: the best rank-1 approximation (Eckart-Young): the leading singular triple of the mean change
+    low = average_lora_deltas([tmp_path / "a", tmp_path / "b"], rank=1, lora_alpha=1)
+    u, s, vh = torch.linalg.svd(mean_delta)
+    torch.testing.assert_close(low[KEYS[1]] @ low[KEYS[0]], s[0] * u[:, :1] @ vh[:1], rtol=1e-5, atol=1e-5)
+    save_file({KEYS[0]: torch.zeros(2, 6), "transformer.other.lora_A.weight": torch.zeros(2, 6)},
+              str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="same modules"):
+        average_lora_deltas([tmp_path / "a", tmp_path / "other.safetensors"], rank=2, lora_alpha=2)
 
 
 def test_merge_errors(tmp_path):

@@ -226,6 +226,21 @@ def test_merge_cold_start_then_training_moves_only_the_student(tmp_path, teacher
     assert {"opd/teacher_kl", "mar/kl", "rewards/shapes/mean"} <= set(first)
 
 
+def test_merge_deltas_cold_start_is_the_best_approximation_of_the_teachers_soup(tmp_path, teachers):
+    trainer = opd(tmp_path, teachers, cold_start="merge_deltas")
+    params = dict(trainer.transformer.named_parameters())
+    a, b = (read_lora(teachers[t])[0] for t in ("counting", "colors"))
+    scale = LORA["lora_alpha"] / LORA["r"]
+    for key in [k for k in a if "lora_B" in k][:3]:
+        module = key.removeprefix("transformer.").removesuffix(".lora_B.weight")
+        key_a = key.replace("lora_B", "lora_A")
+        soup = scale * (a[key] @ a[key_a] + b[key] @ b[key_a]).double() / 2  # the mean of the two weight changes
+        student = scale * params[f"{module}.lora_B.default.weight"] @ params[f"{module}.lora_A.default.weight"]
+        u, s, vh = torch.linalg.svd(soup)
+        best = (u[:, : LORA["r"]] * s[: LORA["r"]]) @ vh[: LORA["r"]]  # rank 4 of a rank-8 mean: Eckart-Young
+        torch.testing.assert_close(student.double(), best, rtol=1e-4, atol=1e-6)
+
+
 def test_clear_errors(tmp_path, teachers):
     with pytest.raises(ValueError, match="needs teachers"):
         opd(tmp_path, None)
@@ -261,8 +276,9 @@ def test_clear_errors(tmp_path, teachers):
         FlowOPDConfig(output_dir=str(tmp_path), teachers=["counting:path"])
     with pytest.raises(ValueError, match="opd_mode"):
         FlowOPDConfig(output_dir=str(tmp_path), opd_mode="forward_kl")
-    with pytest.raises(ValueError, match="either"):
-        FlowOPDConfig(output_dir=str(tmp_path), cold_start="merge", init_adapter="x")
+    for cold_start in ("merge", "merge_deltas"):
+        with pytest.raises(ValueError, match="either"):
+            FlowOPDConfig(output_dir=str(tmp_path), cold_start=cold_start, init_adapter="x")
 
 
 def test_shapes_command_without_teachers_says_how_to_train_them(tmp_path, capsys):

@@ -9,9 +9,10 @@ dataset column `--task_column`. With a model:
 
 With no `--model`, the shapes world: two teachers, one on the object families (single_object, two_object,
 counting) and one on the attribute families (colors, position, color_attr), read from `--teacher_dir`
-(`<output_dir>/teachers` by default). Missing ones are first trained there with `flow-trl nft`'s LoRA recipe
-(`SHAPES_NFT_LORA_RECIPE`) on their families (`--teacher_max_steps` steps each); with `--train_teachers false`,
-missing teachers are an error.
+(`<output_dir>/teachers` by default). Missing ones are first trained there with `flow-trl nft`'s recipe
+(`SHAPES_NFT_DEFAULTS`: every linear weight, exported as an exact rank-128 LoRA) on their families
+(`--teacher_max_steps` steps each); with `--train_teachers false`, missing teachers are an error. The student's LoRA
+takes the teachers' shape (rank, alpha and adapted modules) and starts as their model soup (`merge_deltas`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError
+from ..lora import lora_scale, read_lora
 from .grpo import SHAPES_GRPO_LORA_RECIPE
-from .nft import SHAPES_NFT_LORA_RECIPE
+from .nft import SHAPES_NFT_DEFAULTS
 from .utils import (
     ScriptArguments,
     TrainerScript,
-    build_peft_config,
     quiet_loading,
 )
 
@@ -45,17 +46,8 @@ SHAPES_TEACHER_FAMILIES: dict[str, tuple[str, ...]] = {
     "objects": ("single_object", "two_object", "counting"),
     "attributes": ("colors", "position", "color_attr"),
 }
-# What a teacher's training copies from the student's config (so that both see the same geometry and sampler).
-TEACHER_SHARED_FIELDS = (
-    "per_device_train_batch_size",
-    "num_generations",
-    "steps_per_generation",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    "resolution",
-    "dataloader_pin_memory",
-)
+# What a teacher's training copies from the student's config (so that both sample the same way).
+TEACHER_SHARED_FIELDS = ("num_inference_steps", "guidance_scale", "seed", "resolution", "dataloader_pin_memory")
 
 
 @dataclass
@@ -68,7 +60,7 @@ class OPDScriptArguments(ScriptArguments):
     )
     train_teachers: bool = field(
         default=True,
-        metadata={"help": "Shapes world: train the teachers missing from --teacher_dir first (flow-trl nft's LoRA "
+        metadata={"help": "Shapes world: train the teachers missing from --teacher_dir first (flow-trl nft's "
                   "recipe, --teacher_max_steps steps each; found ones are reused). false: missing ones are an error."},
     )
     teacher_max_steps: int = field(default=100, metadata={"help": "Shapes world: optimizer steps per teacher."})
@@ -77,25 +69,33 @@ class OPDScriptArguments(ScriptArguments):
 def train_shapes_teacher(
     families: tuple[str, ...], output_dir: Path, script_args: ScriptArguments, student_args, max_steps: int
 ) -> None:
-    """Train one shapes-world teacher: `flow-trl nft`'s LoRA recipe on `families`' prompts, the student's LoRA shape
-    and rollout geometry; saves its LoRA to `output_dir`."""
+    """Train one shapes-world teacher: `flow-trl nft`'s recipe on `families`' prompts (each family equally often),
+    sampling as the student does; saves the transformer and its exact LoRA export to `output_dir`."""
     from ..toy import SHAPES_PIPELINE_DIR, shapes_dataset
     from ..trainer import FlowNFTConfig, FlowNFTTrainer
 
     shared = {name: getattr(student_args, name) for name in TEACHER_SHARED_FIELDS}
     config_fields = {f.name for f in fields(FlowNFTConfig)}
-    recipe = {key: value for key, value in SHAPES_NFT_LORA_RECIPE.items() if key in config_fields}  # not script flags
+    recipe = {key: value for key, value in SHAPES_NFT_DEFAULTS.items() if key in config_fields}  # not script flags
     args = FlowNFTConfig(**{**recipe, **shared, "output_dir": str(output_dir), "max_steps": max_steps})
     with quiet_loading():
         trainer = FlowNFTTrainer(
             model=str(SHAPES_PIPELINE_DIR),
             args=args,
             reward_funcs=script_args.reward_funcs,
-            train_dataset=shapes_dataset("train").filter(lambda row: row["tag"] in families),
-            peft_config=build_peft_config(script_args),
+            train_dataset=shapes_dataset("train", balanced=True).filter(lambda row: row["tag"] in families),
         )
     trainer.train()
     trainer.save_model(str(output_dir))
+
+
+def match_teacher_lora(script_args: ScriptArguments, teacher: str) -> None:
+    """Give the student's LoRA the shape of `teacher`'s (rank, alpha, adapted modules), which `FlowOPDTrainer`
+    needs to load the teachers as adapters of the student."""
+    state, metadata = read_lora(teacher)
+    script_args.lora_r = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    script_args.lora_alpha = round(lora_scale(state, metadata) * script_args.lora_r)
+    script_args.lora_target_modules = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in state})
 
 
 def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str, str]:
@@ -123,6 +123,7 @@ class OPDTrainerScript(TrainerScript):
         """On the shapes world with no `--teachers`, resolve the teachers (training missing ones)."""
         if script_args.model is None and not training_args.teachers:
             training_args.teachers = shapes_teachers(script_args, training_args)
+            match_teacher_lora(script_args, next(iter(training_args.teachers.values())))
 
 
 SCRIPT = OPDTrainerScript("opd", "FlowOPDTrainer", "FlowOPDConfig", SHAPES_OPD_DEFAULTS, OPDScriptArguments)

@@ -10,7 +10,7 @@ from .validation import check_choice, check_positive
 
 
 OPD_MODES = ("kl_only", "gkd", "mixed")
-COLD_STARTS = ("none", "merge")
+COLD_STARTS = ("none", "merge", "merge_deltas")
 
 
 def parse_teachers(teachers: dict[str, str] | list[str] | None) -> dict[str, str]:
@@ -62,10 +62,14 @@ class FlowOPDConfig(ManifoldAnchorArguments, DanceGRPOConfig):
         group may straddle two; `"gkd"` averages its loss over the kept samples only.
     cold_start (`str`, defaults to `"none"`):
         `"merge"`: the student's adapter starts as the element-wise mean of the teachers' LoRA factors
-        (`flow_trl.lora.merge_lora_adapters`, Flow-OPD's merge cold start); `"none"`: the usual fresh LoRA.
+        (`flow_trl.lora.merge_lora_adapters`, Flow-OPD's merge cold start, for teachers trained as LoRAs from the
+        same initialisation); `"merge_deltas"`: as the mean of the teachers' weight changes ``scale B @ A``,
+        re-factored at the student's rank (`flow_trl.lora.average_lora_deltas`: the teachers' model soup, exact when
+        the rank reaches every layer's smaller dimension), for teachers exported from full fine-tunes
+        (`lora_export_rank`), whose factors come from separate decompositions; `"none"`: the usual fresh LoRA.
     init_adapter (`str`, *optional*):
         A diffusers-format LoRA to start the student's adapter from (e.g. the output of `merge_lora_adapters`
-        with other weights). Exclusive with `cold_start="merge"`.
+        with other weights). Exclusive with a merge `cold_start`.
 
     > [!NOTE]
     > Defaults that differ from [`DanceGRPOConfig`], following Flow-OPD: `sde_type="flow_sde"`, `noise_level=0.7`,
@@ -94,7 +98,10 @@ class FlowOPDConfig(ManifoldAnchorArguments, DanceGRPOConfig):
         default=False, metadata={"help": "Zero the loss of groups whose task reward is constant."}
     )
     cold_start: str = field(
-        default="none", metadata={"help": "'merge': start the student as the mean of the teacher LoRAs; 'none'."}
+        default="none",
+        metadata={"help": "'merge': start the student as the mean of the teachers' LoRA factors (Flow-OPD); "
+                  "'merge_deltas': as the mean of their weight changes (teachers exported from full fine-tunes); "
+                  "'none'."},
     )
     init_adapter: str | None = field(
         default=None, metadata={"help": "LoRA to start the student's adapter from (exclusive with cold_start)."}
@@ -105,6 +112,6 @@ class FlowOPDConfig(ManifoldAnchorArguments, DanceGRPOConfig):
         parse_teachers(self.teachers)  # malformed entries fail here; the trainer resolves them
         check_choice("opd_mode", self.opd_mode, OPD_MODES)
         check_choice("cold_start", self.cold_start, COLD_STARTS)
-        if self.cold_start == "merge" and self.init_adapter is not None:
-            raise ValueError("Set either cold_start='merge' or init_adapter, not both.")
+        if self.cold_start != "none" and self.init_adapter is not None:
+            raise ValueError(f"Set either cold_start={self.cold_start!r} or init_adapter, not both.")
         check_positive("teacher_kl_coef", self.teacher_kl_coef)

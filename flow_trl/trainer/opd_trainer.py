@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..lora import merge_lora_adapters, read_lora, set_adapter_weights
+from ..lora import average_lora_deltas, merge_lora_adapters, read_lora, set_adapter_weights
 from ..models import index_conditioning
 from .grpo_trainer import DanceGRPOTrainer, grpo_clip_loss
 from .mixins import ManifoldAnchorMixin
@@ -153,6 +153,9 @@ class FlowOPDTrainer(ManifoldAnchorMixin, DanceGRPOTrainer):
             self.policies.load_adapter(path, name, purpose="A teacher")
         if self.args.cold_start == "merge":
             set_adapter_weights(self.transformer, merge_lora_adapters(paths, method="mean"))
+        elif self.args.cold_start == "merge_deltas":
+            config = self.transformer.peft_config["default"]
+            set_adapter_weights(self.transformer, average_lora_deltas(paths, config.r, config.lora_alpha))
         elif self.args.init_adapter is not None:
             set_adapter_weights(self.transformer, read_lora(self.args.init_adapter)[0])
 
