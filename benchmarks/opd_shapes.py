@@ -1,20 +1,23 @@
-"""Flow-OPD on the shapes world: teachers, the distilled student (with and without MAR) and equal-budget baselines.
+"""Flow-OPD on the shapes world: teachers, the distilled student (with and without MAR) and an NFT baseline.
 
-    python benchmarks/opd_shapes.py --output_dir runs/opd-bench [--teacher_steps 80] [--student_steps 100]
+    python benchmarks/opd_shapes.py --output_dir runs/opd-bench [--teacher_steps 100] [--student_steps 200]
+    python benchmarks/opd_shapes.py --output_dir runs/opd-bench --teacher_dir runs/opd-s42/teachers \
+        --no_mar_student false
 
-1. Two teachers with `flow-trl nft`'s LoRA recipe (`SHAPES_NFT_LORA_RECIPE`: teachers must be LoRAs), each on its
+1. Two teachers with `flow-trl nft`'s recipe (every linear weight, exported as an exact rank-128 LoRA), each on its
    own families (`SHAPES_TEACHER_FAMILIES` and `train_shapes_teacher` of flow_trl/scripts/opd.py): "objects"
-   (single_object, two_object, counting) and "attributes" (colors, position, color_attr).
-2. The student, `flow-trl opd`'s shapes recipe (merge cold start, kl_only) on every family, routed by family to its
-   teacher, with MAR (mar_coef 0.04, the base model as anchor) and without (mar_coef 0).
-3. Baselines with the student's budget (same optimizer steps, images per step and LoRA) on every family with the
-   shapes reward (the shapes reward already scores every family, so it is the multi-task reward): `flow-trl nft`'s
-   LoRA recipe and `flow-trl grpo`'s recipe (the latter is OPD's recipe with the task advantage instead of the
-   teachers).
+   (single_object, two_object, counting) and "attributes" (colors, position, color_attr); `--teacher_dir` reuses
+   teachers trained by `flow-trl opd` (its `<output_dir>/teachers`).
+2. The student, `flow-trl opd`'s shapes recipe (a LoRA of the teachers' shape, started as their model soup, kl_only)
+   on every family, routed by family to its teacher, with MAR (mar_coef 0.04, the base model as anchor) and, unless
+   `--no_mar_student false`, without (mar_coef 0); plus the soup itself (the student before any step).
+3. `--baselines nft`: `flow-trl nft`'s recipe on every family with the student's budget (same optimizer steps and
+   images per step); the shapes reward already scores every family, so it is the multi-task reward.
 
-Every model is evaluated on the same held-out rows (`--eval_per_family` per family, fixed seeds, 10 Euler steps):
-per-family mean score and its standard error, paired differences student - teacher (same prompts and seeds) with
-their standard error, and the quality metric. Writes `results.json`, `table.md` and `grid.png` to --output_dir.
+A model whose folder already holds its LoRA is evaluated, not trained again. Every model is evaluated on the same
+held-out rows (`--eval_per_family` per family, fixed seeds, 10 Euler steps): per-family mean score and its standard
+error, paired differences student - teacher (same prompts and seeds) with their standard error, and the quality
+metric. Writes `results.json`, `table.md` and `grid.png` to --output_dir.
 """
 
 from __future__ import annotations
@@ -36,17 +39,13 @@ def parse_recipe(module, overrides: dict[str, Any], recipe: dict[str, Any] | Non
 def train_student(
     kind: str, output_dir: Path, steps: int, teachers: dict[str, str], mar_coef: float, batch_size: int
 ) -> float:
-    """Train one student/baseline (`kind`: opd, nft or grpo) on every shapes family; returns minutes."""
-    from flow_trl.scripts import grpo, nft, opd
+    """Train one student (`kind` opd) or baseline (nft) on every shapes family; returns minutes."""
+    from flow_trl.scripts import nft, opd
     from flow_trl.scripts.utils import build_peft_config
     from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
-    from flow_trl.trainer import DanceGRPOTrainer, FlowNFTTrainer, FlowOPDTrainer
+    from flow_trl.trainer import FlowNFTTrainer, FlowOPDTrainer
 
-    module, trainer_class = {
-        "opd": (opd, FlowOPDTrainer),
-        "nft": (nft, FlowNFTTrainer),
-        "grpo": (grpo, DanceGRPOTrainer),
-    }[kind]
+    module, trainer_class = {"opd": (opd, FlowOPDTrainer), "nft": (nft, FlowNFTTrainer)}[kind]
     overrides = {
         "output_dir": str(output_dir),
         "max_steps": steps,
@@ -55,20 +54,34 @@ def train_student(
     }
     if kind == "opd":
         overrides.update(teachers=teachers, mar_coef=mar_coef)
-    # The NFT baseline is a LoRA like the student (`flow-trl nft`'s default recipe fine-tunes the weights in full).
-    script_args, args = parse_recipe(module, overrides, nft.SHAPES_NFT_LORA_RECIPE if kind == "nft" else None)
+    script_args, args = parse_recipe(module, overrides)
+    if kind == "opd":
+        opd.match_teacher_lora(script_args, next(iter(teachers.values())))
     start = time.time()
     trainer = trainer_class(
         model=str(SHAPES_PIPELINE_DIR),
         args=args,
         reward_funcs=script_args.reward_funcs,
-        train_dataset=shapes_dataset("train"),
+        train_dataset=shapes_dataset("train", balanced=script_args.balance_families),
         peft_config=build_peft_config(script_args),
     )
     trainer.train()
     trainer.save_model(str(output_dir))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return (time.time() - start) / 60
+
+
+def save_soup(teacher_folders: list[str], output_dir: Path) -> None:
+    """The student's cold start (`cold_start="merge_deltas"`) saved as a LoRA: the teachers' model soup."""
+    from safetensors.torch import save_file
+
+    from flow_trl.lora import LORA_WEIGHTS_NAME, average_lora_deltas, lora_scale, read_lora
+
+    state, metadata = read_lora(teacher_folders[0])
+    rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    soup = average_lora_deltas(teacher_folders, rank, lora_scale(state, metadata) * rank)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file(soup, str(output_dir / LORA_WEIGHTS_NAME), metadata=metadata)
 
 
 def evaluate(lora: str | None, rows: list[dict]) -> tuple[dict[str, list], Any]:
@@ -139,10 +152,13 @@ def markdown_table(summary: dict[str, Any], minutes: dict[str, float], teacher_o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/opd-bench")
-    parser.add_argument("--teacher_steps", type=int, default=80)
-    parser.add_argument("--student_steps", type=int, default=100)
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per optimizer step (recipes: 32).")
-    parser.add_argument("--baselines", nargs="*", default=["grpo", "nft"], choices=["grpo", "nft"])
+    parser.add_argument("--teacher_steps", type=int, default=100, help="Optimizer steps per teacher (recipe: 100).")
+    parser.add_argument("--teacher_dir", default=None, help="Reuse these teachers (default <output_dir>/teachers).")
+    parser.add_argument("--student_steps", type=int, default=200, help="Student optimizer steps (recipe: 200).")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per optimizer step (recipe: 32).")
+    parser.add_argument("--no_mar_student", type=lambda v: v.lower() == "true", default=True,
+                        help="Also train the student without MAR (true/false).")
+    parser.add_argument("--baselines", nargs="*", default=["nft"], choices=["nft"])
     parser.add_argument("--eval_per_family", type=int, default=96)
     parser.add_argument("--eval_seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
@@ -157,21 +173,21 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     minutes: dict[str, float] = {}
-    script_args, student_args = parse_recipe(
-        opd, {"output_dir": str(out / "student"), "per_device_train_batch_size": args.batch_size}
-    )
+    script_args, student_args = parse_recipe(opd, {"output_dir": str(out / "student")})
+    teacher_root = Path(args.teacher_dir or out / "teachers")
     teacher_of = {tag: name for name, tags in opd.SHAPES_TEACHER_FAMILIES.items() for tag in tags}
     teachers = {}
     for name, families in opd.SHAPES_TEACHER_FAMILIES.items():
-        folder = out / f"teacher_{name}"
+        folder = teacher_root / name
         if not (folder / "pytorch_lora_weights.safetensors").is_file():
             start = time.time()
             opd.train_shapes_teacher(families, folder, script_args, student_args, args.teacher_steps)
             minutes[f"teacher_{name}"] = (time.time() - start) / 60
         teachers.update({tag: str(folder) for tag in families})
+    save_soup([str(teacher_root / name) for name in opd.SHAPES_TEACHER_FAMILIES], out / "soup")
     runs = {
         "opd_mar": ("opd", 0.04),
-        "opd_no_mar": ("opd", 0.0),
+        **({"opd_no_mar": ("opd", 0.0)} if args.no_mar_student else {}),
         **{f"{kind}_multitask": (kind, 0.0) for kind in args.baselines},
     }
     for name, (kind, mar_coef) in runs.items():
@@ -182,7 +198,8 @@ def main() -> None:
     picks = [t * args.eval_per_family + i for t in range(len(TAGS)) for i in range(2)]
     models = {
         "base": None,
-        **{f"teacher_{n}": str(out / f"teacher_{n}") for n in opd.SHAPES_TEACHER_FAMILIES},
+        **{f"teacher_{n}": str(teacher_root / n) for n in opd.SHAPES_TEACHER_FAMILIES},
+        "soup": str(out / "soup"),
         **{name: str(out / name) for name in runs},
     }
     for name, lora in models.items():
