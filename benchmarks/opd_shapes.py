@@ -174,6 +174,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     minutes: dict[str, float] = {}
     script_args, student_args = parse_recipe(opd, {"output_dir": str(out / "student")})
+    script_args.teacher_max_steps = args.teacher_steps
     teacher_root = Path(args.teacher_dir or out / "teachers")
     teacher_of = {tag: name for name, tags in opd.SHAPES_TEACHER_FAMILIES.items() for tag in tags}
     teachers = {}
@@ -181,7 +182,7 @@ def main() -> None:
         folder = teacher_root / name
         if not (folder / "pytorch_lora_weights.safetensors").is_file():
             start = time.time()
-            opd.train_shapes_teacher(families, folder, script_args, student_args, args.teacher_steps)
+            opd.train_shapes_teacher(families, folder, script_args, student_args)
             minutes[f"teacher_{name}"] = (time.time() - start) / 60
         teachers.update({tag: str(folder) for tag in families})
     save_soup([str(teacher_root / name) for name in opd.SHAPES_TEACHER_FAMILIES], out / "soup")

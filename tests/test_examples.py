@@ -26,7 +26,7 @@ EXTRA = {
     "dpo": ["--num_train_timesteps", "1"],
     "grpo": ["--sde_window_size", "1", "--sde_window_range", "0", "1"],  # the recipe's window needs 4+ steps
     "step_grpo": [],  # + the tiny DRM of the `tiny_drm` fixture
-    "opd": ["--teacher_max_steps", "1"],  # tiny teachers, trained into output_dir
+    "opd": ["--teacher_max_steps", "1", "--teacher_batch_size", "8"],  # tiny teachers, trained into output_dir
 }
 DRM_FLAGS = ["--max_steps", "1", "--num_samples", "4", "--min_gap", "0.01", "--num_blocks", "1",
              "--per_device_train_batch_size", "4"]

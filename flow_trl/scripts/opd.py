@@ -66,20 +66,27 @@ class OPDScriptArguments(ScriptArguments):
                   "recipe, --teacher_max_steps steps each; found ones are reused). false: missing ones are an error."},
     )
     teacher_max_steps: int = field(default=100, metadata={"help": "Shapes world: optimizer steps per teacher."})
+    teacher_batch_size: int = field(
+        default=64, metadata={"help": "Shapes world: images per teacher optimizer step (flow-trl nft's 64)."}
+    )
 
 
 def train_shapes_teacher(
-    families: tuple[str, ...], output_dir: Path, script_args: ScriptArguments, student_args, max_steps: int
+    families: tuple[str, ...], output_dir: Path, script_args: OPDScriptArguments, student_args
 ) -> None:
     """Train one shapes-world teacher: `flow-trl nft`'s recipe on `families`' prompts (each family equally often),
-    sampling as the student does; saves the transformer and its exact LoRA export to `output_dir`."""
+    `script_args.teacher_max_steps` steps of `teacher_batch_size` images, sampling as the student does; saves the
+    transformer and its exact LoRA export to `output_dir`."""
     from ..toy import SHAPES_PIPELINE_DIR, shapes_dataset
     from ..trainer import FlowNFTConfig, FlowNFTTrainer
 
     shared = {name: getattr(student_args, name) for name in TEACHER_SHARED_FIELDS}
     config_fields = {f.name for f in fields(FlowNFTConfig)}
     recipe = {key: value for key, value in SHAPES_NFT_DEFAULTS.items() if key in config_fields}  # not script flags
-    args = FlowNFTConfig(**{**recipe, **shared, "output_dir": str(output_dir), "max_steps": max_steps})
+    args = FlowNFTConfig(
+        **{**recipe, **shared, "output_dir": str(output_dir), "max_steps": script_args.teacher_max_steps,
+           "per_device_train_batch_size": script_args.teacher_batch_size}
+    )
     with quiet_loading():
         trainer = FlowNFTTrainer(
             model=str(SHAPES_PIPELINE_DIR),
@@ -113,7 +120,7 @@ def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str,
                     "--train_teachers false: flow-trl nft's recipe on each teacher's families, --teacher_max_steps "
                     "steps), point --teacher_dir to existing ones, or pass --teachers family=path for every family."
                 )
-            train_shapes_teacher(families, folder, script_args, training_args, script_args.teacher_max_steps)
+            train_shapes_teacher(families, folder, script_args, training_args)
         teachers.update({family: str(folder) for family in families})
     return teachers
 
