@@ -17,7 +17,7 @@ from .utils import SHAPES_COMMON_DEFAULTS, TrainerScript
 
 # The LoRA recipe on the shapes world: 250 steps of 64 images, 3 of the 10 grid timesteps per sample (more samples
 # for the same compute), no KL, the six GenEval families' training prompts sampled equally often (the evaluation
-# weighs them equally). The recipe of flow-trl opd's shapes-world teachers, which must be LoRAs.
+# weighs them equally). The full fine-tuning recipe below builds on it.
 SHAPES_NFT_LORA_RECIPE: dict[str, Any] = {
     **SHAPES_COMMON_DEFAULTS,
     "output_dir": "shapes-nft",
