@@ -73,15 +73,10 @@ def train_student(
 
 def save_soup(teacher_folders: list[str], output_dir: Path) -> None:
     """The student's cold start (`cold_start="merge_deltas"`) saved as a LoRA: the teachers' model soup."""
-    from safetensors.torch import save_file
+    from flow_trl.lora import average_lora_deltas, lora_shape, read_lora
 
-    from flow_trl.lora import LORA_WEIGHTS_NAME, average_lora_deltas, lora_scale, read_lora
-
-    state, metadata = read_lora(teacher_folders[0])
-    rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
-    soup = average_lora_deltas(teacher_folders, rank, lora_scale(state, metadata) * rank)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_file(soup, str(output_dir / LORA_WEIGHTS_NAME), metadata=metadata)
+    rank, alpha, _ = lora_shape(*read_lora(teacher_folders[0]))
+    average_lora_deltas(teacher_folders, rank, alpha, output_dir=output_dir)
 
 
 def evaluate(lora: str | None, rows: list[dict]) -> tuple[dict[str, list], Any]:

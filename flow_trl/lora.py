@@ -127,24 +127,32 @@ def merge_lora_adapters(
         key: sum(c * state[key].float() for c, (state, _) in zip(coefs, loras)).to(first[key].dtype) for key in first
     }
     if output_dir is not None:
-        from safetensors.torch import save_file
-
-        os.makedirs(output_dir, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in merged.items()},
-            os.path.join(output_dir, LORA_WEIGHTS_NAME),
-            metadata=metadata or None,
-        )
+        _save_lora(merged, output_dir, metadata)
     return merged
 
 
-def lora_scale(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> float:
-    """peft's scale ``lora_alpha / r`` of a LoRA file (``alpha = r`` when its metadata has no ``lora_alpha``, as
-    diffusers assumes)."""
-    rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+def _save_lora(state: dict[str, torch.Tensor], output_dir: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write `state` as `output_dir/pytorch_lora_weights.safetensors` with `metadata` (what `read_lora` gives)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    save_file(tensors, os.path.join(output_dir, LORA_WEIGHTS_NAME), metadata=metadata or None)
+
+
+def saved_lora_alpha(metadata: dict[str, str]) -> float | None:
+    """The ``lora_alpha`` a LoRA file's metadata records (diffusers prefixes it ``transformer.``), or None."""
     saved = json.loads(metadata.get(LORA_METADATA_KEY, "{}"))
-    alpha = saved.get("transformer.lora_alpha", saved.get("lora_alpha", rank))
-    return float(alpha) / rank
+    return saved.get("transformer.lora_alpha", saved.get("lora_alpha"))
+
+
+def lora_shape(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, float, list[str]]:
+    """``(rank, lora_alpha, modules)`` of a LoRA file as `read_lora` returns it: alpha is ``rank`` when the metadata
+    has none (as diffusers assumes), modules are the adapted module names without the ``transformer.`` prefix."""
+    rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    alpha = saved_lora_alpha(metadata)
+    modules = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in state})
+    return rank, float(rank if alpha is None else alpha), modules
 
 
 def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +170,7 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 
 
 def average_lora_deltas(
-    paths: list[str | os.PathLike], rank: int, lora_alpha: float
+    paths: list[str | os.PathLike], rank: int, lora_alpha: float, output_dir: str | os.PathLike | None = None
 ) -> dict[str, torch.Tensor]:
     """The LoRA of rank `rank` and alpha `lora_alpha` whose weight change is the mean of the adapters' changes.
 
@@ -176,6 +184,8 @@ def average_lora_deltas(
         paths: LoRA folders/files/Hub ids adapting the same modules of the same base model (ranks may differ).
         rank: rank of the result (the adapter it initialises).
         lora_alpha: alpha of that adapter (the factors are scaled so that its peft scale ``alpha / rank`` applies).
+        output_dir: where to write the result's `pytorch_lora_weights.safetensors` (the first adapter's metadata
+            with `rank` and `lora_alpha`).
 
     Returns:
         Peft-format tensors (``<module>.lora_A.weight`` / ``lora_B.weight``, keys as in the first file).
@@ -183,23 +193,30 @@ def average_lora_deltas(
     if not paths:
         raise ValueError("average_lora_deltas needs at least one LoRA path.")
     loras = [read_lora(p) for p in paths]
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in loras[0][0]})
-    for path, (state, _) in zip(paths[1:], loras[1:]):
-        other = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    shapes = [lora_shape(state, meta) for state, meta in loras]
+    modules = shapes[0][2]
+    for path, (_, _, other) in zip(paths[1:], shapes[1:]):
         if other != modules:
             raise ValueError(
                 f"The LoRA {path} does not adapt the same modules as {paths[0]}: "
                 f"{sorted(set(modules) ^ set(other))[:3]} differ. Use adapters of the same base model and targets."
             )
+    states = [{k.removeprefix("transformer."): v for k, v in state.items()} for state, _ in loras]
+    prefix = "transformer." if any(k.startswith("transformer.") for k in loras[0][0]) else ""  # the first file's keys
     root = (rank / lora_alpha) ** 0.5  # scale * B @ A = delta with B, A each carrying 1 / sqrt(scale)
     merged: dict[str, torch.Tensor] = {}
     for module in modules:
         a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
-        deltas = [lora_scale(state, meta) * state[b].double() @ state[a].double() for state, meta in loras]
+        deltas = [al / r * st[b].double() @ st[a].double() for st, (r, al, _) in zip(states, shapes)]
         lora_a, lora_b = low_rank_factors(sum(deltas) / len(deltas), rank)
-        dtype = loras[0][0][a].dtype
-        merged[f"{module}.lora_A.weight"] = (lora_a * root).to(dtype).contiguous()
-        merged[f"{module}.lora_B.weight"] = (lora_b * root).to(dtype).contiguous()
+        dtype = states[0][a].dtype
+        merged[prefix + a] = (lora_a * root).to(dtype).contiguous()
+        merged[prefix + b] = (lora_b * root).to(dtype).contiguous()
+    if output_dir is not None:
+        config = json.loads(loras[0][1].get(LORA_METADATA_KEY, "{}"))  # the first adapter's, at the new rank
+        new = {"r": rank, "lora_alpha": lora_alpha}
+        config = {k: new.get(k.removeprefix("transformer."), v) for k, v in config.items()}
+        _save_lora(merged, output_dir, {**loras[0][1], LORA_METADATA_KEY: json.dumps(config)})
     return merged
 
 
@@ -242,8 +259,7 @@ def load_lora_adapter(
     expected = get_peft_model_state_dict(transformer, adapter_name=like)
     _check_same_layout(expected, state, f"the student's adapter ({like!r})", str(path))
     config = copy.deepcopy(transformer.peft_config[like])
-    saved = json.loads(metadata.get(LORA_METADATA_KEY, "{}"))
-    alpha = saved.get("transformer.lora_alpha", saved.get("lora_alpha"))
+    alpha = saved_lora_alpha(metadata)
     if alpha is not None and alpha != config.lora_alpha:
         raise ValueError(
             f"The LoRA {path} was trained with lora_alpha={alpha}, the student uses {config.lora_alpha}: set the "
@@ -335,6 +351,7 @@ __all__ = [
     "lora_adapter_metadata",
     "lora_from_weight_difference",
     "low_rank_factors",
+    "lora_shape",
     "merge_lora_adapters",
     "read_lora",
     "set_adapter_weights",

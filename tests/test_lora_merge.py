@@ -13,6 +13,7 @@ from flow_trl.lora import (
     average_lora_deltas,
     load_lora_adapter,
     lora_from_weight_difference,
+    lora_shape,
     merge_lora_adapters,
     read_lora,
 )
@@ -58,9 +59,12 @@ def test_average_of_deltas_is_the_mean_weight_change_at_the_new_scale(tmp_path):
     a, b = write_lora(tmp_path / "a", rank=2, seed=0), write_lora(tmp_path / "b", rank=3, seed=1, alpha=12)
     mean_delta = (1.0 * a[KEYS[1]] @ a[KEYS[0]] + 4.0 * b[KEYS[1]] @ b[KEYS[0]]) / 2  # rank <= 5 = min(5, 6)
     # rank 5 reaches the layer's smaller dimension: exact, with the student's scale alpha / r = 10 / 5 applied
-    exact = average_lora_deltas([tmp_path / "a", tmp_path / "b"], rank=5, lora_alpha=10)
+    exact = average_lora_deltas([tmp_path / "a", tmp_path / "b"], rank=5, lora_alpha=10, output_dir=tmp_path / "s")
     assert exact[KEYS[0]].shape == (5, 6) and exact[KEYS[1]].shape == (5, 5)
     torch.testing.assert_close(2.0 * exact[KEYS[1]] @ exact[KEYS[0]], mean_delta, rtol=1e-5, atol=1e-5)
+    saved, metadata = read_lora(tmp_path / "s")  # saved with the new rank and alpha, so it loads at the same scale
+    assert all(torch.equal(saved[k], exact[k]) for k in KEYS)
+    assert lora_shape(saved, metadata)[:2] == (5, 10.0)
     # rank 1: the best rank-1 approximation (Eckart-Young): the leading singular triple of the mean change
     low = average_lora_deltas([tmp_path / "a", tmp_path / "b"], rank=1, lora_alpha=1)
     u, s, vh = torch.linalg.svd(mean_delta)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError
-from ..lora import lora_scale, read_lora
+from ..lora import lora_shape, read_lora
 from .grpo import SHAPES_GRPO_LORA_RECIPE
 from .nft import SHAPES_NFT_DEFAULTS
 from .utils import (
@@ -101,10 +101,8 @@ def train_shapes_teacher(
 def match_teacher_lora(script_args: ScriptArguments, teacher: str) -> None:
     """Give the student's LoRA the shape of `teacher`'s (rank, alpha, adapted modules), which `FlowOPDTrainer`
     needs to load the teachers as adapters of the student."""
-    state, metadata = read_lora(teacher)
-    script_args.lora_r = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
-    script_args.lora_alpha = round(lora_scale(state, metadata) * script_args.lora_r)
-    script_args.lora_target_modules = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in state})
+    rank, alpha, modules = lora_shape(*read_lora(teacher))
+    script_args.lora_r, script_args.lora_alpha, script_args.lora_target_modules = rank, round(alpha), modules
 
 
 def shapes_teachers(script_args: OPDScriptArguments, training_args) -> dict[str, str]:
