@@ -1,6 +1,6 @@
 """Flow-OPD on the shapes world: teachers, the distilled student (with and without MAR) and an NFT baseline.
 
-    python benchmarks/opd_shapes.py --output_dir runs/opd-bench [--teacher_steps 100] [--student_steps 200]
+    python benchmarks/opd_shapes.py --output_dir runs/opd-bench [--teacher_steps 100] [--student_steps 50]
     python benchmarks/opd_shapes.py --output_dir runs/opd-bench --teacher_dir runs/opd-s42/teachers \
         --no_mar_student false
 
@@ -37,9 +37,10 @@ def parse_recipe(module, overrides: dict[str, Any], recipe: dict[str, Any] | Non
 
 
 def train_student(
-    kind: str, output_dir: Path, steps: int, teachers: dict[str, str], mar_coef: float, batch_size: int
+    kind: str, output_dir: Path, steps: int | None, teachers: dict[str, str], mar_coef: float, batch_size: int
 ) -> float:
-    """Train one student (`kind` opd) or baseline (nft) on every shapes family; returns minutes."""
+    """Train one student (`kind` opd) or baseline (nft) on every shapes family, `steps` optimizer steps (None: the
+    student recipe's); returns minutes."""
     from flow_trl.scripts import nft, opd
     from flow_trl.scripts.utils import build_peft_config
     from flow_trl.toy import SHAPES_PIPELINE_DIR, shapes_dataset
@@ -48,7 +49,7 @@ def train_student(
     module, trainer_class = {"opd": (opd, FlowOPDTrainer), "nft": (nft, FlowNFTTrainer)}[kind]
     overrides = {
         "output_dir": str(output_dir),
-        "max_steps": steps,
+        "max_steps": steps or opd.SHAPES_OPD_DEFAULTS["max_steps"],
         "logging_steps": 5,
         "per_device_train_batch_size": batch_size,
     }
@@ -149,7 +150,8 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/opd-bench")
     parser.add_argument("--teacher_steps", type=int, default=100, help="Optimizer steps per teacher (recipe: 100).")
     parser.add_argument("--teacher_dir", default=None, help="Reuse these teachers (default <output_dir>/teachers).")
-    parser.add_argument("--student_steps", type=int, default=200, help="Student optimizer steps (recipe: 200).")
+    parser.add_argument("--student_steps", type=int, default=None,
+                        help="Student optimizer steps (default: the recipe's, 50).")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per optimizer step (recipe: 32).")
     parser.add_argument("--no_mar_student", type=lambda v: v.lower() == "true", default=True,
                         help="Also train the student without MAR (true/false).")
