@@ -1,6 +1,6 @@
 """Flow-OPD on the shapes world: teachers, the distilled student (with and without MAR) and an NFT baseline.
 
-    python benchmarks/opd_shapes.py --output_dir runs/opd-bench [--teacher_steps 100] [--student_steps 50]
+    python benchmarks/opd_shapes.py --output_dir runs/opd-bench [--teacher_steps 100] [--student_steps 30]
     python benchmarks/opd_shapes.py --output_dir runs/opd-bench --teacher_dir runs/opd-s42/teachers \
         --no_mar_student false
 
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--teacher_steps", type=int, default=100, help="Optimizer steps per teacher (recipe: 100).")
     parser.add_argument("--teacher_dir", default=None, help="Reuse these teachers (default <output_dir>/teachers).")
     parser.add_argument("--student_steps", type=int, default=None,
-                        help="Student optimizer steps (default: the recipe's, 50).")
+                        help="Student optimizer steps (default: the recipe's, 30).")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per optimizer step (recipe: 32).")
     parser.add_argument("--no_mar_student", type=lambda v: v.lower() == "true", default=True,
                         help="Also train the student without MAR (true/false).")
