@@ -120,3 +120,19 @@ def test_loss_chunks_reach_the_accumulation_boundary_once(tmp_path, monkeypatch)
     assert [sync for sync, _ in calls] == [False, False, True]  # 3 of the 4 steps' transitions are recorded
     assert all(kwargs == {"scale_wrt_gas": False} for _, kwargs in calls)
     assert trainer.accelerator.gradient_state.sync_gradients  # restored for the optimizer step
+
+
+def test_a_command_destroys_its_process_group_before_exit(tmp_path, monkeypatch):
+    """`flow-trl <command>` ends the process group `accelerate launch` started (left to the interpreter's exit, gloo
+    can abort a finished run); without one, ending it is a no-op."""
+    import torch.distributed as dist
+
+    from flow_trl.scripts import utils
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    monkeypatch.setattr(utils.TrainerScript, "main", lambda self, script_args, training_args: {"ran": True})
+    from flow_trl.scripts.nft import SCRIPT
+
+    assert SCRIPT.cli(["--output_dir", str(tmp_path / "out")]) == {"ran": True}
+    assert not dist.is_initialized()
+    utils.end_distributed()  # no process group: nothing to do

@@ -449,6 +449,15 @@ def build_trainer(trainer_class, script_args: ScriptArguments, training_args, tr
         )
 
 
+def end_distributed() -> None:
+    """Destroy the process group `accelerate launch` started, if any, before the process exits: left to the
+    interpreter's exit, gloo's threads can abort a finished run (`terminate called without an active exception`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_training(trainer, script_args: ScriptArguments, training_args) -> dict[str, Any]:
     """Train `trainer` (as `TrainerScript.build` made it), save, card and push as the flags say; on the shapes
     world, report the held-out score before and after.
@@ -524,4 +533,6 @@ class TrainerScript:
         """Parse flags/YAML (the shapes-world recipe when no model is given) and run; a mistake in them exits with
         status 2 and one line on stderr."""
         quiet_start()
-        return self.main(*parse_with_shapes_defaults(self.make_parser(prog), argv, self.shapes_defaults))
+        report = self.main(*parse_with_shapes_defaults(self.make_parser(prog), argv, self.shapes_defaults))
+        end_distributed()
+        return report

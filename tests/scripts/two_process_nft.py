@@ -66,6 +66,7 @@ def main(out: str) -> None:
     }
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(record, f)
+    trainer.accelerator.end_training()  # destroys the process group before exit (see flow_trl.scripts.utils)
 
 
 if __name__ == "__main__":
