@@ -133,6 +133,10 @@ def test_a_command_destroys_its_process_group_before_exit(tmp_path, monkeypatch)
     monkeypatch.setattr(utils.TrainerScript, "main", lambda self, script_args, training_args: {"ran": True})
     from flow_trl.scripts.nft import SCRIPT
 
-    assert SCRIPT.cli(["--output_dir", str(tmp_path / "out")]) == {"ran": True}
-    assert not dist.is_initialized()
-    utils.end_distributed()  # no process group: nothing to do
+    try:
+        assert SCRIPT.cli(["--output_dir", str(tmp_path / "out")]) == {"ran": True}
+        assert not dist.is_initialized()
+        utils.end_distributed()  # no process group: nothing to do
+    finally:  # never leave a process group to the tests that follow
+        if dist.is_initialized():
+            dist.destroy_process_group()
